@@ -1,0 +1,19 @@
+import os
+import tempfile
+
+# Offline, quiet, and a cache of our own so tests never touch ~/.cache/treg or the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TREG_CACHE_DIR", tempfile.mkdtemp(prefix="treg-test-cache-"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The embedded tiny SFT model and tokenizer (built once per test session)."""
+    from treg.synthetic import load_tiny_model
+
+    model, tokenizer, path = load_tiny_model(show_progress=False)
+    return model, tokenizer, path

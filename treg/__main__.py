@@ -1,0 +1,6 @@
+"""`python -m treg ...` is the same as the `treg` command (so `accelerate launch -m treg train ...` works)."""
+
+from treg.cli import main
+
+if __name__ == "__main__":
+    main()

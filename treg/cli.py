@@ -1,0 +1,231 @@
+"""The ``treg`` command (also ``python -m treg``): ``train``, ``rewards`` and ``quickstart``.
+
+    treg train --config recipes/tiny/treg-dpo.yaml [--treg_alpha 0.5 ...]
+    treg rewards --config recipes/tiny/treg-dpo.yaml
+    treg quickstart [--output_dir DIR]
+
+``train`` and ``rewards`` read the same YAML keys as TRL's parser (ModelConfig, DPOConfig fields) plus treg's own
+(TRegConfig, :class:`DataArguments`). Command-line flags override the YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+logger = logging.getLogger("treg")
+
+
+@dataclass
+class DataArguments:
+    """Where the preference pairs come from.
+
+    dataset_name: a hub id, a local file/folder (jsonl, json, parquet; standard, conversational or HH-RLHF
+        dialogues), or ``treg:toy`` for the embedded toy task.
+    """
+
+    dataset_name: str = field(default="treg:toy", metadata={"help": "Hub id, local path, or treg:toy."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
+    max_train_rows: int | None = field(default=None, metadata={"help": "Keep the first N training rows."})
+    max_eval_rows: int | None = field(default=None, metadata={"help": "Keep the first N evaluation rows."})
+    drop_invalid_rows: bool = field(default=False, metadata={"help": "Drop bad rows (logged) instead of failing."})
+    toy_num_pairs: int = field(default=512, metadata={"help": "treg:toy: number of training pairs."})
+    toy_seed: int = field(default=0, metadata={"help": "treg:toy: seed of the generated pairs."})
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read; the message names the file and the key."""
+
+
+# ------------------------------------------------------------------------------------------------ config parsing
+def _parser():
+    from trl import ModelConfig, TrlParser
+
+    from treg.trainer import TRegConfig
+
+    return TrlParser((DataArguments, TRegConfig, ModelConfig))
+
+
+def check_recipe(path: str, parser) -> dict:
+    """Load a recipe YAML, failing with the file, line and key on malformed YAML or unknown keys."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe {path!r} does not exist.")
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"recipe {path!r} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(config, dict):
+        raise RecipeError(f"recipe {path!r} must be a mapping of keys to values, got {type(config).__name__}.")
+    known = {a.dest for a in parser._actions} | {"env"}
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(
+                f"recipe {path!r}: unknown key {key!r}.{hint} Keys are the fields of TRegConfig (DPOConfig), "
+                "ModelConfig and DataArguments; see `treg train --help`."
+            )
+    return config
+
+
+def parse_train_args(argv: list[str]):
+    parser = _parser()
+    if "--config" in argv:
+        check_recipe(argv[argv.index("--config") + 1], parser)
+    data_args, config, model_args = parser.parse_args_and_config(argv)
+    return data_args, config, model_args
+
+
+# ------------------------------------------------------------------------------------------------------- building
+def load_model_and_tokenizer(model_args, config):
+    """``treg:tiny`` builds (or loads the cached) embedded tiny model; anything else is a hub id or local path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = model_args.model_name_or_path
+    if name is None:
+        raise RecipeError("model_name_or_path is required (a hub id, a local path, or treg:tiny).")
+    if name == "treg:tiny":
+        from treg.synthetic import load_tiny_model
+
+        model, tokenizer, _ = load_tiny_model(cache_dir=_cache_root(config))
+        return model, tokenizer
+    kwargs = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.model_revision}
+    dtype = model_args.dtype
+    if dtype not in (None, "auto"):
+        import torch
+
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, attn_implementation=model_args.attn_implementation, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    return model, tokenizer
+
+
+def _cache_root(config) -> str | None:
+    root = config.token_reward_cache_dir
+    return None if root is None or root.lower() == "none" else root
+
+
+def load_datasets(data_args):
+    """(train, eval or None) in TRL's preference format."""
+    if data_args.dataset_name == "treg:toy":
+        from treg.synthetic import make_pairs
+
+        train = make_pairs(data_args.toy_num_pairs, seed=data_args.toy_seed)
+        eval_ = make_pairs(data_args.max_eval_rows or 128, seed=data_args.toy_seed + 10_000)
+        return train, (eval_ if data_args.dataset_test_split else None)
+    from treg.data import load_preference_dataset
+
+    def load(split, max_rows):
+        return load_preference_dataset(
+            data_args.dataset_name,
+            split=split,
+            config_name=data_args.dataset_config,
+            max_rows=max_rows,
+            drop_invalid=data_args.drop_invalid_rows,
+        )
+
+    train = load(data_args.dataset_train_split, data_args.max_train_rows)
+    eval_ = load(data_args.dataset_test_split, data_args.max_eval_rows) if data_args.dataset_test_split else None
+    return train, eval_
+
+
+def build_trainer(data_args, config, model_args):
+    from trl import get_peft_config
+
+    from treg.trainer import TRegTrainer
+
+    model, tokenizer = load_model_and_tokenizer(model_args, config)
+    train, eval_ = load_datasets(data_args)
+    return TRegTrainer(
+        model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=eval_,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- commands
+def cmd_train(argv: list[str]) -> int:
+    data_args, config, model_args = parse_train_args(argv)
+    trainer = build_trainer(data_args, config, model_args)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    if trainer.accelerator.is_main_process:
+        print(f"saved to {config.output_dir}")
+    return 0
+
+
+def cmd_rewards(argv: list[str]) -> int:
+    """Run the token-reward pass alone (it is cached, so a later `treg train` with the same recipe reuses it)."""
+    from treg.token_rewards import CHOSEN_REWARDS, REJECTED_REWARDS
+    from treg.token_rewards.contrastive import summarize
+
+    data_args, config, model_args = parse_train_args(argv)
+    trainer = build_trainer(data_args, config, model_args)
+    dataset = trainer.train_dataset
+    if trainer.accelerator.is_main_process:
+        out = os.path.join(config.output_dir, "token_rewards")
+        dataset.save_to_disk(out)
+        print(f"{len(dataset)} rows with per-token columns saved to {out}")
+        for col in (CHOSEN_REWARDS, REJECTED_REWARDS):
+            if col in dataset.column_names:
+                stats = summarize(dataset[col])
+                print(f"{col}: mean {stats['mean']:+.4f}  std {stats['std']:.4f}  positive {stats['frac_positive']:.1%}")
+    return 0
+
+
+def cmd_quickstart(argv: list[str]) -> int:
+    from treg.quickstart import run
+
+    parser = argparse.ArgumentParser(prog="treg quickstart", description="T-REG end to end on the embedded tiny model.")
+    parser.add_argument("--output_dir", default="treg-quickstart", help="where the checkpoint is saved")
+    parser.add_argument("--train_pairs", type=int, default=512)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--alpha", type=float, default=0.5, help="T-REG α")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    run(output_dir=args.output_dir, train_pairs=args.train_pairs, epochs=args.epochs, alpha=args.alpha, seed=args.seed)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "rewards": cmd_rewards, "quickstart": cmd_quickstart}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from treg.data import PreferenceDataError
+    from treg.token_rewards import TokenRewardError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except (RecipeError, PreferenceDataError, TokenRewardError) as e:
+        print(f"treg: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""T-REG's self-generated token rewards by contrastive prompting (Zhou et al. 2024, arXiv 2412.02685, METHOD.md §2).
+
+The frozen reference model scores the same response tokens under two prompts that wrap the original prompt ``x``:
+``x⁺`` asks for a better answer, ``x⁻`` for a worse one. Then
+
+    r̂_t = σ( log π_ref(y_t | x⁺, y_<t) − log π_ref(y_t | x⁻, y_<t) ) − 0.5        ∈ (−0.5, 0.5)
+
+In the same pass the per-token reference log-probs under the plain prompt ``x`` are computed, so training needs no
+reference model in memory.
+
+The paper does not publish its prompt wording; the defaults below are ours **(choice)** and a recipe overrides them
+with ``contrastive_positive_template`` / ``contrastive_negative_template`` (each must contain ``{prompt}``). For
+conversational rows the template wraps the content of the last user message and the result is rendered through the
+model's chat template with the generation prompt; for plain-text rows it wraps the prompt text, tokenized as TRL
+tokenizes plain prompts. The response ids are the trainer's own ``chosen_ids`` / ``rejected_ids``, so the three
+passes score identical tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+from datasets import Dataset, concatenate_datasets
+
+from treg.scoring import score_completions
+from treg.token_rewards import (
+    CHOSEN_REWARDS,
+    REF_CHOSEN,
+    REF_CHOSEN_SUM,
+    REF_REJECTED,
+    REF_REJECTED_SUM,
+    REJECTED_REWARDS,
+    check_token_columns,
+    kept_completion_length,
+)
+from treg.token_rewards import cache as cache_lib
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POSITIVE_TEMPLATE = (
+    "{prompt}\n\nWrite the best possible response: helpful, correct, coherent and concise."
+)
+DEFAULT_NEGATIVE_TEMPLATE = (
+    "{prompt}\n\nWrite a poor response: unhelpful, incorrect, incoherent and verbose."
+)
+CACHE_VERSION = "contrastive-v1"
+
+
+def check_template(template: str, name: str) -> None:
+    if "{prompt}" not in template:
+        raise ValueError(f"{name} must contain the placeholder {{prompt}}; got {template!r}.")
+    try:
+        template.format(prompt="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{name}: braces other than {{prompt}} must be doubled ({{{{ }}}}); got {template!r}.") from e
+
+
+def render_prompt_ids(tokenizer, prompt, template: str) -> list[int]:
+    """Token ids of ``template`` applied to ``prompt`` (a string, or a list of chat messages)."""
+    if isinstance(prompt, str):
+        return list(tokenizer(text=template.format(prompt=prompt))["input_ids"])
+    messages = [dict(m) for m in prompt]
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
+    messages[last_user]["content"] = template.format(prompt=messages[last_user]["content"])
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def _settings(tokenizer, positive_template, negative_template, max_length, with_rewards, model_hash, dtype) -> dict:
+    return {
+        "version": CACHE_VERSION,
+        "model": model_hash,
+        "dtype": str(dtype),
+        "tokenizer": type(tokenizer).__name__,
+        "vocab": len(tokenizer),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "positive_template": positive_template if with_rewards else None,
+        "negative_template": negative_template if with_rewards else None,
+        "max_length": max_length,
+    }
+
+
+def compute_columns(
+    model,
+    tokenizer,
+    dataset: Dataset,
+    *,
+    positive_ids: list[list[int]] | None,
+    negative_ids: list[list[int]] | None,
+    max_length: int | None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> dict[str, list]:
+    """Score every kept chosen/rejected token under x (and x⁺, x⁻ when their ids are given).
+
+    ``dataset`` is tokenized the trainer's way (``prompt_ids``, ``chosen_ids``, ``rejected_ids``).
+    """
+    prompts = list(dataset["prompt_ids"])
+    sides = {"chosen": list(dataset["chosen_ids"]), "rejected": list(dataset["rejected_ids"])}
+    contexts = {"plain": prompts}
+    if positive_ids is not None:
+        contexts.update(positive=positive_ids, negative=negative_ids)
+    items, index = [], {}
+    for ctx_name, ctx_ids in contexts.items():
+        for side, completions in sides.items():
+            for row, (p, c) in enumerate(zip(prompts, completions)):
+                kept = c[: kept_completion_length(len(p), len(c), max_length)]
+                index[(ctx_name, side, row)] = len(items)
+                items.append((ctx_ids[row], kept))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    desc = "Token rewards (x, x+, x-)" if positive_ids is not None else "Reference log-probs"
+    logps = score_completions(
+        model, items, batch_size=batch_size, pad_token_id=pad_id, desc=desc, show_progress=show_progress
+    )
+
+    columns: dict[str, list] = {}
+    for side, ref_col, sum_col, rew_col in (
+        ("chosen", REF_CHOSEN, REF_CHOSEN_SUM, CHOSEN_REWARDS),
+        ("rejected", REF_REJECTED, REF_REJECTED_SUM, REJECTED_REWARDS),
+    ):
+        plain = [logps[index[("plain", side, r)]] for r in range(len(prompts))]
+        columns[ref_col] = [lp.tolist() for lp in plain]
+        columns[sum_col] = [float(lp.astype(np.float64).sum()) for lp in plain]
+        if positive_ids is not None:
+            columns[rew_col] = [
+                contrastive_rewards(logps[index[("positive", side, r)]], logps[index[("negative", side, r)]]).tolist()
+                for r in range(len(prompts))
+            ]
+    return columns
+
+
+def contrastive_rewards(positive_logps: np.ndarray, negative_logps: np.ndarray) -> np.ndarray:
+    """r̂_t = σ(logp⁺_t − logp⁻_t) − 0.5, computed stably; same shape as the inputs."""
+    diff = np.asarray(positive_logps, dtype=np.float64) - np.asarray(negative_logps, dtype=np.float64)
+    # 0.5 * tanh(d / 2) == σ(d) − 0.5 exactly, without the cancellation of subtracting 0.5 from σ(d) ≈ 1.
+    # Keep the result strictly inside (−0.5, 0.5) in float32.
+    return np.clip(0.5 * np.tanh(diff / 2), -0.5 + 1e-7, 0.5 - 1e-7).astype(np.float32)
+
+
+def attach_contrastive_rewards(
+    dataset: Dataset,
+    model,
+    tokenizer,
+    *,
+    model_hash: str,
+    max_length: int | None,
+    with_rewards: bool = True,
+    positive_template: str = DEFAULT_POSITIVE_TEMPLATE,
+    negative_template: str = DEFAULT_NEGATIVE_TEMPLATE,
+    cache_dir: str | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+    main_process_first=None,
+) -> Dataset:
+    """Add the per-token columns to a tokenized dataset, from the cache when an entry for these inputs exists.
+
+    Args:
+        dataset: rows with ``prompt`` (text or messages), ``prompt_ids``, ``chosen_ids``, ``rejected_ids``.
+        model, tokenizer: the frozen reference model (the policy before training) and its tokenizer.
+        model_hash: identifies the weights (e.g. ``trl.trainer.utils.hash_module``); part of the cache key.
+        max_length: the trainer's ``max_length``; values are stored for the kept completion tokens only.
+        with_rewards: False computes only the reference log-probs (no x⁺/x⁻ passes), e.g. for α = 0.
+        cache_dir: where entries live (default ``$TREG_CACHE_DIR`` or ``~/.cache/treg``); ``"none"`` disables it.
+        main_process_first: a context-manager factory (``accelerator.main_process_first``) so that in a distributed
+            run one process computes and the others read the cache.
+    """
+    check_template(positive_template, "contrastive_positive_template")
+    check_template(negative_template, "contrastive_negative_template")
+    positive_ids = negative_ids = None
+    if with_rewards:
+        prompts = dataset["prompt"]
+        positive_ids = [render_prompt_ids(tokenizer, p, positive_template) for p in prompts]
+        negative_ids = [render_prompt_ids(tokenizer, p, negative_template) for p in prompts]
+    dtype = next(model.parameters()).dtype
+    settings = _settings(tokenizer, positive_template, negative_template, max_length, with_rewards, model_hash, dtype)
+    id_columns = [dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]]
+    if with_rewards:
+        id_columns += [positive_ids, negative_ids]
+    key = cache_lib.fingerprint(settings, id_columns)
+
+    def compute() -> dict[str, list]:
+        return compute_columns(
+            model,
+            tokenizer,
+            dataset,
+            positive_ids=positive_ids,
+            negative_ids=negative_ids,
+            max_length=max_length,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+
+    if cache_dir is not None and str(cache_dir).lower() == "none":
+        columns = Dataset.from_dict(compute())
+    else:
+        path = os.path.join(cache_dir or cache_lib.default_cache_dir(), "token_rewards", f"{CACHE_VERSION}-{key[:24]}")
+        guard = main_process_first() if main_process_first is not None else _null()
+        with guard:
+            columns = cache_lib.load(path)
+            if columns is None:
+                columns = cache_lib.save_atomic(compute(), path)
+                logger.info("Token rewards cached at %s", path)
+            else:
+                logger.info("Token rewards loaded from cache %s", path)
+    if len(columns) != len(dataset):
+        raise ValueError(f"token-reward cache holds {len(columns)} rows for a dataset of {len(dataset)}; delete it.")
+    dataset = dataset.remove_columns([c for c in columns.column_names if c in dataset.column_names])
+    dataset = concatenate_datasets([dataset, columns], axis=1)
+    check_token_columns(dataset, max_length)
+    return dataset
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def summarize(values: list[list[float]]) -> dict[str, float]:
+    """Mean, std and fraction positive of r̂ over all tokens (for logs and the quick start)."""
+    flat = [v for row in values for v in row]
+    if not flat:
+        return {"mean": math.nan, "std": math.nan, "frac_positive": math.nan}
+    arr = np.asarray(flat)
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "frac_positive": float((arr > 0).mean())}
