@@ -195,4 +195,5 @@ def test_errors_are_clear():
 
 def test_token_regularizer_sign():
     """A good token (r̂>0) with a positive implicit reward lowers L_REG."""
-    assert token_regularizer(torch.tensor([[0.4]]), torch.tensor([[1.0]]), torch.tensor([[1.0]])).item() == pytest.approx(-0.4)
+    value = token_regularizer(torch.tensor([[0.4]]), torch.tensor([[1.0]]), torch.tensor([[1.0]])).item()
+    assert value == pytest.approx(-0.4)

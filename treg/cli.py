@@ -187,7 +187,8 @@ def cmd_rewards(argv: list[str]) -> int:
         for col in (CHOSEN_REWARDS, REJECTED_REWARDS):
             if col in dataset.column_names:
                 stats = summarize(dataset[col])
-                print(f"{col}: mean {stats['mean']:+.4f}  std {stats['std']:.4f}  positive {stats['frac_positive']:.1%}")
+                mean, std, pos = stats["mean"], stats["std"], stats["frac_positive"]
+                print(f"{col}: mean {mean:+.4f}  std {std:.4f}  positive {pos:.1%}")
     return 0
 
 

@@ -164,7 +164,7 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", unk_token=None, chat_template=CHAT_TEMPLATE
     )
-    fast.model_max_length = 512
+    fast.model_max_length = 1024
     return fast
 
 
@@ -177,6 +177,7 @@ class TinyModelRecipe:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 128
+    max_positions: int = 1024
     sft_steps: int = 400
     batch_size: int = 32
     learning_rate: float = 3e-3
@@ -199,7 +200,7 @@ def new_tiny_model(vocab_size: int, recipe: TinyModelRecipe = TinyModelRecipe(),
         num_hidden_layers=recipe.num_layers,
         num_attention_heads=recipe.num_heads,
         num_key_value_heads=recipe.num_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=recipe.max_positions,
         pad_token_id=pad_token_id,
         tie_word_embeddings=True,
     )
