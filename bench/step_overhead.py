@@ -9,33 +9,34 @@ What is measured, per model size, on the same initial weights, the same preferen
 
 How:
 
-* The parent process first builds every trainer T-REG needs once, so the token-reward pass (r̂ and per-token
-  reference log-probs) runs here and lands in the treg cache ($TREG_CACHE_DIR).
-* Every measured run is a fresh child process (this script re-invoked with ``--child VARIANT``). The child rebuilds
-  the same model and data, builds its trainer (T-REG only loads the cache; a child that had to run the pass is
-  flagged) and trains ``warmup + steps`` optimizer steps. Runs are interleaved over repeats (treg, dpo, trl-dpo,
-  treg, dpo, trl-dpo, ...) so that machine drift hits every variant alike.
+* This process imports no ML library and only orchestrates. All work happens in child processes (this script
+  re-invoked with the hidden ``--child`` flag), so that each child's peak RSS is its own: on Linux a child started by
+  a large parent inherits the parent's peak RSS in ``ru_maxrss``.
+* A ``prepare`` child builds every TRegTrainer once, so the token-reward pass (r̂ and per-token reference log-probs)
+  runs there and lands in the treg cache ($TREG_CACHE_DIR). Measured children then only load the cache (a child
+  that had to run the pass itself is flagged).
+* Each measured run is one child: it rebuilds the same model and data (deterministic), builds its trainer and trains
+  ``warmup + steps`` optimizer steps. Runs are interleaved over repeats (treg, dpo, trl-dpo, treg, dpo, trl-dpo, ...)
+  so that machine drift hits every variant alike.
 * Step time: wall time between consecutive ``on_step_end`` callbacks, so a step is everything the trainer does for
-  one optimizer step (collating the batch, forward(s), backward, optimizer, metric logging), never the init or the
-  token-reward pass. The first ``warmup`` steps of every run are dropped; the median of the rest (pooled over
-  repeats) is reported.
+  one optimizer step (collating the batch, forward(s), backward, optimizer, metric logging) and never the init or
+  the token-reward pass. The first ``warmup`` steps of every run are dropped; the median of the rest, pooled over
+  repeats, is reported.
 * Peak memory: the child's peak RSS from ``os.wait4`` (``ru_maxrss``, KiB on Linux), also shown above the child's
   RSS right after its imports. With CUDA, ``torch.cuda.max_memory_allocated`` in the child instead. TRL's peak
-  includes its live reference model; T-REG's does not have one.
+  includes its live reference model; T-REG has none.
 
 Targets (printed as PASS/MISS, never a failure): T-REG step ≤ 1.03x DPO and ≤ 1.00x TRL DPO.
 
-    HF_HUB_OFFLINE=1 python bench/step_overhead.py [--models tiny,20m] [--steps N] [--warmup W]
-        [--batch-size B] [--repeats R] [--json out.json]
+    python bench/step_overhead.py [--models tiny,20m] [--steps N] [--warmup W] [--batch-size B] [--repeats R]
+        [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
@@ -47,16 +48,9 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
-
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-from trl import DPOConfig, DPOTrainer  # noqa: E402
-
-from treg.synthetic import TinyModelRecipe, corrupt, load_tiny_model, make_pairs, new_tiny_model, random_task  # noqa: E402
-from treg.token_rewards.cache import default_cache_dir  # noqa: E402
-from treg.trainer import TRegConfig, TRegTrainer  # noqa: E402
+# Idle OpenMP threads sleep instead of spinning: on a shared CPU the default spin-wait makes steps up to 100x slower
+# whenever another process competes for the cores. Same setting for every variant; export it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 VARIANTS = ("treg", "dpo", "trl-dpo")
 TARGETS = {"treg/dpo step": 1.03, "treg/trl-dpo step": 1.00}
@@ -68,7 +62,7 @@ RESULT_FILE_ENV = "STEP_OVERHEAD_RESULT"
 class ModelSpec:
     """A model size and the data it is measured on; steps/warmup/repeats are defaults that the CLI overrides."""
 
-    recipe: TinyModelRecipe | None  # None: the cached tiny SFT model
+    recipe: dict | None  # TinyModelRecipe fields of a random model; None: the cached tiny SFT model
     max_length: int
     digits: tuple[int, int] | None  # digits per task (None: make_pairs' toy lengths)
     batches_of_data: int  # distinct batches in the dataset (training cycles over them)
@@ -78,27 +72,36 @@ class ModelSpec:
 
 
 MODELS = {
-    "tiny": ModelSpec(None, max_length=128, digits=None, batches_of_data=4, steps=20, warmup=3, repeats=3),
-    # ~19.5M parameters, randomly initialised; prompt and responses of 56-64 digits: ~120-135 tokens per sequence
+    "tiny": ModelSpec(None, max_length=128, digits=None, batches_of_data=4, steps=30, warmup=3, repeats=2),
+    # ~19.5M parameters, randomly initialised; prompts and responses of 56-64 digits: ~120-135 tokens per sequence
     "20m": ModelSpec(
-        TinyModelRecipe(hidden_size=512, num_layers=6, num_heads=8, intermediate_size=1408),
+        dict(hidden_size=512, num_layers=6, num_heads=8, intermediate_size=1408),
         max_length=256, digits=(56, 64), batches_of_data=1, steps=3, warmup=1, repeats=1,
     ),
 }
 
 
-# ------------------------------------------------------------------------------------------------ model and data
+# ---------------------------------------------------------------------------------- child side: model and data
 def build_model(name: str):
-    """(model, tokenizer): deterministic, so the parent and every child get the same weights (and cache keys)."""
+    """(model, tokenizer), deterministic: the prepare child and every measured child get the same weights (and so
+    the same token-reward cache key)."""
+    from treg.synthetic import TinyModelRecipe, load_tiny_model, new_tiny_model
+
     model, tokenizer, _ = load_tiny_model(show_progress=False)
     recipe = MODELS[name].recipe
     if recipe is not None:
-        model = new_tiny_model(len(tokenizer), recipe, pad_token_id=tokenizer.pad_token_id)
+        model = new_tiny_model(len(tokenizer), TinyModelRecipe(**recipe), pad_token_id=tokenizer.pad_token_id)
     return model, tokenizer
 
 
-def long_pairs(n: int, seed: int, digits: tuple[int, int]) -> Dataset:
+def long_pairs(n: int, seed: int, digits: tuple[int, int]):
     """Conversational pairs like ``make_pairs`` but with long digit strings; rejected has ~5% corrupted words."""
+    import random
+
+    from datasets import Dataset
+
+    from treg.synthetic import corrupt, random_task
+
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -113,15 +116,24 @@ def long_pairs(n: int, seed: int, digits: tuple[int, int]) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def build_pairs(name: str, batch_size: int) -> Dataset:
+def build_pairs(name: str, batch_size: int):
+    from treg.synthetic import make_pairs
+
     spec = MODELS[name]
     n = batch_size * spec.batches_of_data
     return make_pairs(n, seed=0) if spec.digits is None else long_pairs(n, seed=0, digits=spec.digits)
 
 
-# ------------------------------------------------------------------------------------------------------ trainers
-def common_args(name: str, args, output_dir: str) -> dict:
-    return dict(
+# -------------------------------------------------------------------------------------- child side: trainers
+def build_trainer(variant: str, name: str, model, tokenizer, dataset, args, output_dir: str):
+    import copy
+
+    import torch
+    from trl import DPOConfig, DPOTrainer
+
+    from treg.trainer import TRegConfig, TRegTrainer
+
+    kwargs = dict(
         output_dir=output_dir,
         beta=BETA,
         learning_rate=LEARNING_RATE,
@@ -138,10 +150,6 @@ def common_args(name: str, args, output_dir: str) -> dict:
         disable_tqdm=True,
         seed=0,
     )
-
-
-def build_trainer(variant: str, name: str, model, tokenizer, dataset, args, output_dir: str):
-    kwargs = common_args(name, args, output_dir)
     if variant == "trl-dpo":
         config = DPOConfig(precompute_ref_log_probs=False, **kwargs)
         ref_model = copy.deepcopy(model)
@@ -151,62 +159,111 @@ def build_trainer(variant: str, name: str, model, tokenizer, dataset, args, outp
     return TRegTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
 
-class StepTimer(TrainerCallback):
-    """perf_counter() at the start of training and at every step end; step times are the differences."""
+def step_timer():
+    """A TrainerCallback recording perf_counter() at train begin and at every step end."""
+    import torch
+    from transformers import TrainerCallback
 
-    def __init__(self):
-        self.marks: list[float] = []
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks: list[float] = []
 
-    def _mark(self):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.marks.append(time.perf_counter())
+        def _mark(self):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._mark()
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._mark()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self._mark()
+        def on_step_end(self, args, state, control, **kwargs):
+            self._mark()
 
-    def step_seconds(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+        def step_seconds(self) -> list[float]:
+            return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+    return StepTimer()
 
 
 def cache_entries() -> set[str]:
+    from treg.token_rewards.cache import default_cache_dir
+
     root = os.path.join(default_cache_dir(), "token_rewards")
     return set(os.listdir(root)) if os.path.isdir(root) else set()
 
 
-# --------------------------------------------------------------------------------------------------------- child
-def run_child(args) -> None:
-    """One measured run of one variant; writes its numbers as JSON to $STEP_OVERHEAD_RESULT."""
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model, tokenizer = build_model(args.child_model)
-    dataset = build_pairs(args.child_model, args.batch_size)
+def proc_status_kib(field: str) -> int:
+    """VmRSS (current) or VmHWM (peak) of this process, in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+# ------------------------------------------------------------------------------------------- child entry points
+def child_prepare(args) -> dict:
+    """Parameter counts, and the token-reward passes (run or loaded) that the treg and dpo children will reuse."""
+    out = {}
+    for name in args.models:
+        info, settings = {}, run_settings(name, args)
+        for variant in ("treg", "dpo"):
+            model, tokenizer = build_model(name)
+            info["params"] = sum(p.numel() for p in model.parameters())
+            dataset = build_pairs(name, args.batch_size)
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                build_trainer(variant, name, model, tokenizer, dataset, settings, tmp)
+            info[f"{variant}_init_s"] = time.perf_counter() - start
+        out[name] = info
+    return out
+
+
+def child_measure(args) -> dict:
+    """One measured run of one variant."""
+    import torch
+
+    import treg.trainer  # noqa: F401  (imports trl and transformers before the RSS baseline is taken)
+
+    baseline_kib = proc_status_kib("VmRSS")
+    name = args.models[0]
+    model, tokenizer = build_model(name)
+    dataset = build_pairs(name, args.batch_size)
     before = cache_entries()
-    with tempfile.TemporaryDirectory() as out:
-        trainer = build_trainer(args.child, args.child_model, model, tokenizer, dataset, args, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(args.child, name, model, tokenizer, dataset, args, tmp)
         ran_token_pass = cache_entries() != before
-        timer = StepTimer()
+        timer = step_timer()
         trainer.add_callback(timer)
         trainer.train()
-    result = {
+    cuda = torch.cuda.is_available()
+    return {
         "step_s": timer.step_seconds(),
-        "baseline_rss_kib": baseline_kib,
+        "rss_after_imports_kib": baseline_kib,
+        "vmhwm_kib": proc_status_kib("VmHWM"),
         "ran_token_reward_pass": ran_token_pass,
-        "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "device": "cuda" if cuda else "cpu",
+        "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     }
+
+
+def run_child(args) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    result = child_prepare(args) if args.child == "prepare" else child_measure(args)
     with open(os.environ[RESULT_FILE_ENV], "w") as f:
         json.dump(result, f)
 
 
-def spawn_child(variant: str, name: str, args) -> dict:
-    """Re-invoke this script as ``--child variant``; its peak RSS comes from os.wait4's rusage."""
+# ---------------------------------------------------------------------------------------------- orchestration
+def spawn_child(role: str, models: list[str], args) -> dict:
+    """Re-invoke this script as ``--child role``; returns its JSON result plus its peak RSS from os.wait4."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path, log_path = os.path.join(tmp, "result.json"), os.path.join(tmp, "log.txt")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--child-model", name,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", role, "--models", ",".join(models),
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+        if role != "prepare":
+            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, RESULT_FILE_ENV: result_path})
@@ -215,63 +272,57 @@ def spawn_child(variant: str, name: str, args) -> dict:
         if proc.returncode != 0 or not os.path.isfile(result_path):
             with open(log_path) as log:
                 tail = log.read()[-4000:]
-            raise RuntimeError(f"child {variant}/{name} exited with {proc.returncode}:\n{tail}")
+            raise RuntimeError(f"child {role} {models} exited with {proc.returncode}:\n{tail}")
         with open(result_path) as f:
             result = json.load(f)
-    result["peak_rss_kib"] = usage.ru_maxrss
+    if role != "prepare":
+        result["peak_rss_kib"] = usage.ru_maxrss
     return result
 
 
-# -------------------------------------------------------------------------------------------------------- parent
-def prepare(name: str, args) -> dict:
-    """Count parameters and run (or load) the token-reward passes that the treg and dpo children will reuse."""
-    info = {}
-    for variant in ("treg", "dpo"):
-        model, tokenizer = build_model(name)
-        info["params"] = sum(p.numel() for p in model.parameters())
-        dataset = build_pairs(name, args.batch_size)
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as out:
-            build_trainer(variant, name, model, tokenizer, dataset, args, out)
-        info[f"{variant}_init_s"] = time.perf_counter() - start
-    return info
-
-
-def measure(name: str, args) -> dict:
-    spec = MODELS[name]
-    run_args = argparse.Namespace(**vars(args))
+def run_settings(name: str, args) -> argparse.Namespace:
+    """The CLI's values, with each unset one taken from the model's defaults."""
+    settings = argparse.Namespace(**vars(args))
     for key in ("steps", "warmup", "repeats"):
-        if getattr(run_args, key) is None:
-            setattr(run_args, key, getattr(spec, key))
-    info = prepare(name, run_args)
-    print(f"[{name}] {info['params'] / 1e6:.2f}M parameters; trainer init with token-reward pass/cache: "
-          f"treg {info['treg_init_s']:.1f} s, dpo {info['dpo_init_s']:.1f} s", flush=True)
+        if getattr(settings, key) is None:
+            setattr(settings, key, getattr(MODELS[name], key))
+    return settings
+
+
+def measure(name: str, info: dict, args) -> dict:
+    settings = run_settings(name, args)
     runs = {v: [] for v in VARIANTS}
-    for repeat in range(run_args.repeats):
+    for repeat in range(settings.repeats):
         for variant in VARIANTS:
-            result = spawn_child(variant, name, run_args)
+            result = spawn_child(variant, [name], settings)
             runs[variant].append(result)
-            times = result["step_s"][run_args.warmup:]
-            print(f"[{name}] repeat {repeat + 1}/{run_args.repeats} {variant:8s} median step "
-                  f"{1e3 * statistics.median(times):8.1f} ms, peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB"
-                  + ("  (ran the token-reward pass itself!)" if result["ran_token_reward_pass"] else ""), flush=True)
-    return summarize(name, info, runs, run_args)
+            times = result["step_s"][settings.warmup:]
+            flag = "  (ran the token-reward pass itself: peak includes it)" if result["ran_token_reward_pass"] else ""
+            print(f"[{name}] repeat {repeat + 1}/{settings.repeats} {variant:8s} median step "
+                  f"{1e3 * statistics.median(times):8.1f} ms, peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB{flag}",
+                  flush=True)
+    return summarize(name, info, runs, settings)
 
 
 def peak_mib(result: dict) -> tuple[float, float]:
-    """(peak, peak above the child's post-import RSS) in MiB; CUDA's max allocated when a GPU is in use."""
+    """(peak, peak above the child's RSS right after its imports) in MiB; on a GPU CUDA's max allocated, twice."""
     if result["cuda_max_allocated_bytes"] is not None:
         peak = result["cuda_max_allocated_bytes"] / 2**20
         return peak, peak
-    return result["peak_rss_kib"] / 1024, (result["peak_rss_kib"] - result["baseline_rss_kib"]) / 1024
+    return result["peak_rss_kib"] / 1024, (result["peak_rss_kib"] - result["rss_after_imports_kib"]) / 1024
 
 
-def summarize(name: str, info: dict, runs: dict, args) -> dict:
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def summarize(name: str, info: dict, runs: dict, settings) -> dict:
     variants = {}
     for variant, results in runs.items():
-        steps = [t for r in results for t in r["step_s"][args.warmup:]]
+        steps = [t for r in results for t in r["step_s"][settings.warmup:]]
         peaks = [peak_mib(r) for r in results]
         variants[variant] = {
+            "timed_steps": len(steps),
             "median_step_s": statistics.median(steps),
             "peak_mib": statistics.median(p for p, _ in peaks),
             "peak_above_imports_mib": statistics.median(d for _, d in peaks),
@@ -279,73 +330,80 @@ def summarize(name: str, info: dict, runs: dict, args) -> dict:
         }
     treg, dpo, trl = (variants[v] for v in VARIANTS)
     ratios = {
-        "treg/dpo step": treg["median_step_s"] / dpo["median_step_s"],
-        "treg/trl-dpo step": treg["median_step_s"] / trl["median_step_s"],
-        "treg/trl-dpo peak": treg["peak_mib"] / trl["peak_mib"],
-        "treg/trl-dpo peak above imports": treg["peak_above_imports_mib"] / trl["peak_above_imports_mib"],
+        "treg/dpo step": ratio(treg["median_step_s"], dpo["median_step_s"]),
+        "treg/trl-dpo step": ratio(treg["median_step_s"], trl["median_step_s"]),
+        "treg/trl-dpo peak": ratio(treg["peak_mib"], trl["peak_mib"]),
+        "treg/trl-dpo peak above imports": ratio(treg["peak_above_imports_mib"], trl["peak_above_imports_mib"]),
     }
-    settings = {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "batch_size": args.batch_size,
-                "max_length": MODELS[name].max_length, "threads": args.threads}
-    return {"model": name, **info, "settings": settings, "variants": variants, "ratios": ratios}
+    run = {k: getattr(settings, k) for k in ("steps", "warmup", "repeats", "batch_size", "threads")}
+    run["max_length"] = MODELS[name].max_length
+    return {"model": name, **info, "settings": run, "variants": variants, "ratios": ratios}
 
 
-def verdict(ratio: float, key: str) -> str:
-    target = TARGETS[key]
-    return f"{ratio:.2f}x (target ≤{target:.2f}x {'PASS' if ratio <= target else 'MISS'})"
+def fmt_ratio(value: float | None, target_key: str | None = None) -> str:
+    if value is None:
+        return "n/a"
+    if target_key is None:
+        return f"{value:.2f}x"
+    target = TARGETS[target_key]
+    return f"{value:.2f}x (target ≤{target:.2f}x {'PASS' if value <= target else 'MISS'})"
 
 
 def print_report(summaries: list[dict]) -> None:
-    memory = "CUDA max allocated" if torch.cuda.is_available() else "peak RSS"
-    print()
-    print(f"{'model':6s} {'params':>7s}  {'variant':8s} {'steps':>5s} {'step ms (median)':>17s} "
-          f"{memory + ' MiB':>16s} {'above imports':>14s}")
+    on_gpu = summaries[0]["variants"]["treg"]["runs"][0]["device"] == "cuda"
+    memory = "CUDA max alloc" if on_gpu else "peak RSS"
+    print(f"\n{'model':6s} {'params':>7s}  {'variant':8s} {'steps':>5s} {'step ms (median)':>17s} "
+          f"{memory + ' MiB':>15s} {'above imports':>14s}")
     for s in summaries:
         for variant, v in s["variants"].items():
-            n = sum(len(r["step_s"]) - s["settings"]["warmup"] for r in v["runs"])
-            print(f"{s['model']:6s} {s['params'] / 1e6:6.2f}M  {variant:8s} {n:5d} {1e3 * v['median_step_s']:17.1f} "
-                  f"{v['peak_mib']:16.0f} {v['peak_above_imports_mib']:14.0f}")
+            print(f"{s['model']:6s} {s['params'] / 1e6:6.2f}M  {variant:8s} {v['timed_steps']:5d} "
+                  f"{1e3 * v['median_step_s']:17.1f} {v['peak_mib']:15.0f} {v['peak_above_imports_mib']:14.0f}")
     print()
     for s in summaries:
         r = s["ratios"]
-        print(f"ratios: {s['model']:5s} T-REG/DPO step {verdict(r['treg/dpo step'], 'treg/dpo step')}  "
-              f"T-REG/TRL-DPO step {verdict(r['treg/trl-dpo step'], 'treg/trl-dpo step')}  "
-              f"T-REG/TRL-DPO {memory} {r['treg/trl-dpo peak']:.2f}x "
-              f"(above imports {r['treg/trl-dpo peak above imports']:.2f}x)")
+        print(f"ratios: {s['model']:5s} T-REG/DPO step {fmt_ratio(r['treg/dpo step'], 'treg/dpo step')}  "
+              f"T-REG/TRL-DPO step {fmt_ratio(r['treg/trl-dpo step'], 'treg/trl-dpo step')}  "
+              f"T-REG/TRL-DPO {memory} {fmt_ratio(r['treg/trl-dpo peak'])} "
+              f"(above imports {fmt_ratio(r['treg/trl-dpo peak above imports'])})")
     print(f"\nnote: TRL-DPO's {memory} includes its live reference model; T-REG's and DPO's exclude it (per-token "
-          "reference log-probs and token rewards were precomputed and loaded from the treg cache). Step = "
-          "on_step_end to on_step_end (collate + forward(s) + backward + optimizer + metrics).")
+          "reference log-probs and token rewards are precomputed and loaded from the treg cache).\n"
+          "      step = on_step_end to on_step_end (collate + forward(s) + backward + optimizer + metrics); "
+          "init and the token-reward pass are not timed.")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,20m", help=f"comma-separated, from {list(MODELS)}")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: per model, tiny 20, 20m 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: tiny 3, 20m 1)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved runs per variant (default: tiny 3, 20m 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default per model: tiny 30, 20m 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps per run (default: tiny 3, 20m 1)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved runs per variant (default: tiny 2, 20m 1)")
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
-    p.add_argument("--threads", type=int, default=2, help="torch threads in every process")
-    p.add_argument("--json", default=None, help="write every raw number here")
-    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    p.add_argument("--child-model", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
+    p.add_argument("--json", default=None, help="write every raw number to this file")
+    p.add_argument("--child", choices=("prepare",) + VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
-    if unknown:
+    if unknown or not args.models:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
     if args.child:
         run_child(args)
         return
     start = time.perf_counter()
-    summaries = [measure(name, args) for name in args.models]
+    print(f"preparing {', '.join(args.models)}: models, data, token-reward caches ...", flush=True)
+    prepared = spawn_child("prepare", args.models, args)
+    for name, info in prepared.items():
+        print(f"[{name}] {info['params'] / 1e6:.2f}M parameters; trainer init incl. token-reward pass or cache load: "
+              f"treg {info['treg_init_s']:.1f} s, dpo {info['dpo_init_s']:.1f} s", flush=True)
+    summaries = [measure(name, prepared[name], args) for name in args.models]
     print_report(summaries)
-    print(f"total {time.perf_counter() - start:.0f} s")
+    own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"total {time.perf_counter() - start:.0f} s (orchestrator peak RSS {own_peak:.0f} MiB)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"targets": TARGETS, "models": summaries}, f, indent=2)

@@ -8,6 +8,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TREG_CACHE_DIR", tempfile.mkdtemp(prefix="treg-test-cache-"))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models: one thread is as fast and immune to contention on a busy 2-core machine (seen: 500x slower with 2).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

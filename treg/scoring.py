@@ -97,7 +97,7 @@ def score_completions(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
-    for i, (ctx, comp) in enumerate(items):
+    for i, (ctx, _) in enumerate(items):
         if len(ctx) == 0:
             raise ValueError(f"item {i}: empty context; the first completion token needs at least one token before it.")
     was_training = model.training

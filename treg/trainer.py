@@ -7,7 +7,8 @@ What the subclass changes, and why:
 * ``_precompute_ref_logps``: instead of TRL's per-sequence reference sums, attaches per-token reference log-probs
   and the contrastive token rewards r̂ (cached on disk), so no reference model stays in memory during training.
 * a collator that pads the per-token columns beside ``completion_mask``;
-* ``compute_loss``: one policy forward (TRL's fused LM head, no logits materialised), then :func:`treg.losses.treg_loss`.
+* ``compute_loss``: one policy forward (TRL's fused LM head, no logits materialised), then
+  :func:`treg.losses.treg_loss`.
 """
 
 from __future__ import annotations
@@ -228,10 +229,16 @@ class TRegTrainer(DPOTrainer):
         ]
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-        """Attach per-token reference log-probs (and r̂ when α ≠ 0) instead of TRL's per-sequence sums."""
-        needed = REF_TOKEN_COLUMNS + (TOKEN_REWARD_COLUMNS if self.args.needs_token_rewards else ())
-        if set(needed) <= set(dataset.column_names):  # supplied by the user or by `treg rewards`
-            check_token_columns(dataset, self.args.max_length, needed)
+        """Attach per-token reference log-probs (DPO only) and r̂ (when α ≠ 0) instead of TRL's per-sequence sums.
+
+        Columns the dataset already carries (supplied by the user or by `treg rewards`) are checked and kept: r̂ from
+        another source is never replaced by contrastive rewards, and SimPO at α = 0 needs no pass at all.
+        """
+        have = set(dataset.column_names)
+        need_ref = self.args.base_loss == "dpo" and not set(REF_TOKEN_COLUMNS) <= have
+        need_rewards = self.args.needs_token_rewards and not set(TOKEN_REWARD_COLUMNS) <= have
+        if not need_ref and not need_rewards:
+            check_token_columns(dataset, self.args.max_length)
             return dataset
         if self.ref_model is None and self.is_deepspeed_enabled:
             if self._precompute_engine is None:
@@ -246,7 +253,7 @@ class TRegTrainer(DPOTrainer):
             self._tokenizer,
             model_hash=self._precompute_model_hash,
             max_length=args.max_length,
-            with_rewards=args.needs_token_rewards,
+            with_rewards=need_rewards,
             positive_template=args.contrastive_positive_template,
             negative_template=args.contrastive_negative_template,
             cache_dir=args.token_reward_cache_dir,
