@@ -1,6 +1,6 @@
 """Per-step cost of T-REG against plain DPO (same trainer) and TRL's DPOTrainer with a live reference model.
 
-What is measured, per model size, on the same initial weights, the same preference pairs, batch size, max_length,
+What is compared, per model size, on the same initial weights, the same preference pairs, batch size, max_length,
 β and learning rate:
 
     treg     TRegTrainer, treg_alpha=0.5, base_loss="dpo"   (token rewards + per-token ref log-probs precomputed)
@@ -9,21 +9,20 @@ What is measured, per model size, on the same initial weights, the same preferen
 
 How:
 
-* This process imports no ML library and only orchestrates. All work happens in child processes (this script
-  re-invoked with the hidden ``--child`` flag), so that each child's peak RSS is its own: on Linux a child started by
-  a large parent inherits the parent's peak RSS in ``ru_maxrss``.
-* A ``prepare`` child builds every TRegTrainer once, so the token-reward pass (r̂ and per-token reference log-probs)
-  runs there and lands in the treg cache ($TREG_CACHE_DIR). Measured children then only load the cache (a child
-  that had to run the pass itself is flagged).
-* Each measured run is one child: it rebuilds the same model and data (deterministic), builds its trainer and trains
-  ``warmup + steps`` optimizer steps. Runs are interleaved over repeats (treg, dpo, trl-dpo, treg, dpo, trl-dpo, ...)
-  so that machine drift hits every variant alike.
-* Step time: wall time between consecutive ``on_step_end`` callbacks, so a step is everything the trainer does for
-  one optimizer step (collating the batch, forward(s), backward, optimizer, metric logging) and never the init or
-  the token-reward pass. The first ``warmup`` steps of every run are dropped; the median of the rest, pooled over
-  repeats, is reported.
-* Peak memory: the child's peak RSS from ``os.wait4`` (``ru_maxrss``, KiB on Linux), also shown above the child's
-  RSS right after its imports. With CUDA, ``torch.cuda.max_memory_allocated`` in the child instead. TRL's peak
+* This process imports no ML library; it only starts child processes (this script re-invoked with the hidden
+  ``--child`` flag) and reports. On Linux a child started by a large parent inherits the parent's peak RSS in
+  ``ru_maxrss``; a small parent keeps every child's peak its own.
+* Step time, one ``time`` child per repeat: it builds the three trainers (T-REG's token-reward pass runs here, or
+  loads the treg cache, and is not timed), then runs the three ``trainer.train()`` loops in threads that take turns
+  one optimizer step at a time (treg, dpo, trl-dpo, treg, dpo, trl-dpo, ...), so machine drift hits every variant
+  alike. A step is the wall time from a trainer getting its turn to its ``on_step_end`` callback: collating the
+  batch, forward(s), backward, optimizer, metric logging. The first ``warmup`` steps of each are dropped; the
+  median of the rest, pooled over repeats, is reported.
+* Peak memory, one child per variant, after the ``time`` child filled the token-reward cache: it builds the same
+  model and data (deterministic) and the variant's trainer, which only loads the cache (a child that had to run the
+  pass itself is flagged), and trains two steps (the second is the first with gradients, Adam state and
+  activations all alive). Its peak RSS comes from ``os.wait4`` (``ru_maxrss``, KiB on Linux) and is also shown
+  above its RSS right after its imports. With CUDA, ``torch.cuda.max_memory_allocated`` instead. TRL's peak
   includes its live reference model; T-REG has none.
 
 Targets (printed as PASS/MISS, never a failure): T-REG step ≤ 1.03x DPO and ≤ 1.00x TRL DPO.
@@ -42,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -55,6 +55,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 VARIANTS = ("treg", "dpo", "trl-dpo")
 TARGETS = {"treg/dpo step": 1.03, "treg/trl-dpo step": 1.00}
 BETA, LEARNING_RATE, TREG_ALPHA = 0.1, 5e-4, 0.5
+MEMORY_STEPS = 2
 RESULT_FILE_ENV = "STEP_OVERHEAD_RESULT"
 
 
@@ -72,19 +73,18 @@ class ModelSpec:
 
 
 MODELS = {
-    "tiny": ModelSpec(None, max_length=128, digits=None, batches_of_data=4, steps=30, warmup=3, repeats=2),
+    "tiny": ModelSpec(None, max_length=128, digits=None, batches_of_data=4, steps=40, warmup=3, repeats=1),
     # ~19.5M parameters, randomly initialised; prompts and responses of 56-64 digits: ~120-135 tokens per sequence
     "20m": ModelSpec(
         dict(hidden_size=512, num_layers=6, num_heads=8, intermediate_size=1408),
-        max_length=256, digits=(56, 64), batches_of_data=1, steps=3, warmup=1, repeats=1,
+        max_length=256, digits=(56, 64), batches_of_data=1, steps=6, warmup=1, repeats=1,
     ),
 }
 
 
-# ---------------------------------------------------------------------------------- child side: model and data
+# ------------------------------------------------------------------------------- children: model, data, trainers
 def build_model(name: str):
-    """(model, tokenizer), deterministic: the prepare child and every measured child get the same weights (and so
-    the same token-reward cache key)."""
+    """(model, tokenizer), deterministic: every child gets the same weights, hence the same token-reward cache key."""
     from treg.synthetic import TinyModelRecipe, load_tiny_model, new_tiny_model
 
     model, tokenizer, _ = load_tiny_model(show_progress=False)
@@ -124,8 +124,7 @@ def build_pairs(name: str, batch_size: int):
     return make_pairs(n, seed=0) if spec.digits is None else long_pairs(n, seed=0, digits=spec.digits)
 
 
-# -------------------------------------------------------------------------------------- child side: trainers
-def build_trainer(variant: str, name: str, model, tokenizer, dataset, args, output_dir: str):
+def build_trainer(variant: str, name: str, model, tokenizer, dataset, args, max_steps: int, output_dir: str):
     import copy
 
     import torch
@@ -139,7 +138,7 @@ def build_trainer(variant: str, name: str, model, tokenizer, dataset, args, outp
         learning_rate=LEARNING_RATE,
         per_device_train_batch_size=args.batch_size,
         max_length=MODELS[name].max_length,
-        max_steps=args.warmup + args.steps,
+        max_steps=max_steps,
         loss_type=["sigmoid"],
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
@@ -159,32 +158,86 @@ def build_trainer(variant: str, name: str, model, tokenizer, dataset, args, outp
     return TRegTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
 
-def step_timer():
-    """A TrainerCallback recording perf_counter() at train begin and at every step end."""
+# ------------------------------------------------------------------------------- children: step-level interleaving
+class RoundRobin:
+    """Trainers training in their own threads take turns, one optimizer step per turn, in a fixed order."""
+
+    def __init__(self, order):
+        self.order, self.turn, self.finished = list(order), order[0], set()
+        self.cond = threading.Condition()
+
+    def wait_turn(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == name)
+
+    def hand_on(self, name: str, finished: bool = False) -> None:
+        with self.cond:
+            if finished:
+                self.finished.add(name)
+            if self.turn == name:
+                i = self.order.index(name)
+                later = [self.order[(i + k) % len(self.order)] for k in range(1, len(self.order) + 1)]
+                self.turn = next((n for n in later if n not in self.finished), None)
+            self.cond.notify_all()
+
+
+def turn_timer(name: str, rr: RoundRobin):
+    """A TrainerCallback that takes its turn at train begin and after every step, timing each step from the turn."""
     import torch
     from transformers import TrainerCallback
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.marks: list[float] = []
+    def now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
-        def _mark(self):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.marks.append(time.perf_counter())
+    class TurnTimer(TrainerCallback):
+        def __init__(self):
+            self.step_s: list[float] = []
+            self.start = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self._mark()
+            rr.wait_turn(name)
+            self.start = now()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self._mark()
+            self.step_s.append(now() - self.start)
+            rr.hand_on(name)
+            rr.wait_turn(name)
+            self.start = now()
 
-        def step_seconds(self) -> list[float]:
-            return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-    return StepTimer()
+    return TurnTimer()
 
 
+def interleaved_train(trainers: dict) -> dict[str, list[float]]:
+    """Run every ``trainer.train()`` in its own thread, one step at a time in turn; returns step times per name."""
+    rr = RoundRobin(list(trainers))
+    timers, errors = {}, {}
+
+    def train(name, trainer):
+        try:
+            trainer.train()
+        except Exception as e:  # re-raised in the main thread
+            errors[name] = e
+        finally:
+            rr.hand_on(name, finished=True)
+
+    threads = []
+    for name, trainer in trainers.items():
+        timers[name] = turn_timer(name, rr)
+        trainer.add_callback(timers[name])
+        threads.append(threading.Thread(target=train, args=(name, trainer), name=f"train-{name}"))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        name, error = next(iter(errors.items()))
+        raise RuntimeError(f"{name} failed during training") from error
+    return {name: timer.step_s for name, timer in timers.items()}
+
+
+# --------------------------------------------------------------------------------------- children: entry points
 def cache_entries() -> set[str]:
     from treg.token_rewards.cache import default_cache_dir
 
@@ -198,29 +251,29 @@ def proc_status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-# ------------------------------------------------------------------------------------------- child entry points
-def child_prepare(args) -> dict:
-    """Parameter counts, and the token-reward passes (run or loaded) that the treg and dpo children will reuse."""
-    out = {}
-    for name in args.models:
-        info, settings = {}, run_settings(name, args)
-        for variant in ("treg", "dpo"):
-            model, tokenizer = build_model(name)
-            info["params"] = sum(p.numel() for p in model.parameters())
-            dataset = build_pairs(name, args.batch_size)
+def child_time(args) -> dict:
+    """Build the three trainers on copies of one model, then time their steps interleaved."""
+    import copy
+
+    name = args.models[0]
+    model, tokenizer = build_model(name)
+    dataset = build_pairs(name, args.batch_size)
+    trainers, init_s = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in VARIANTS:
             start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                build_trainer(variant, name, model, tokenizer, dataset, settings, tmp)
-            info[f"{variant}_init_s"] = time.perf_counter() - start
-        out[name] = info
-    return out
+            trainers[variant] = build_trainer(variant, name, copy.deepcopy(model), tokenizer, dataset, args,
+                                              args.warmup + args.steps, os.path.join(tmp, variant))
+            init_s[variant] = time.perf_counter() - start
+        step_s = interleaved_train(trainers)
+    return {"params": sum(p.numel() for p in model.parameters()), "init_s": init_s, "step_s": step_s}
 
 
-def child_measure(args) -> dict:
-    """One measured run of one variant."""
+def child_memory(args) -> dict:
+    """Two steps of one variant on a fresh process, for its peak memory."""
     import torch
 
-    import treg.trainer  # noqa: F401  (imports trl and transformers before the RSS baseline is taken)
+    import treg.trainer  # noqa: F401  (trl and transformers are imported before the RSS baseline is taken)
 
     baseline_kib = proc_status_kib("VmRSS")
     name = args.models[0]
@@ -228,14 +281,11 @@ def child_measure(args) -> dict:
     dataset = build_pairs(name, args.batch_size)
     before = cache_entries()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(args.child, name, model, tokenizer, dataset, args, tmp)
+        trainer = build_trainer(args.child, name, model, tokenizer, dataset, args, MEMORY_STEPS, tmp)
         ran_token_pass = cache_entries() != before
-        timer = step_timer()
-        trainer.add_callback(timer)
         trainer.train()
     cuda = torch.cuda.is_available()
     return {
-        "step_s": timer.step_seconds(),
         "rss_after_imports_kib": baseline_kib,
         "vmhwm_kib": proc_status_kib("VmHWM"),
         "ran_token_reward_pass": ran_token_pass,
@@ -250,20 +300,19 @@ def run_child(args) -> None:
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
-    result = child_prepare(args) if args.child == "prepare" else child_measure(args)
+    result = child_time(args) if args.child == "time" else child_memory(args)
     with open(os.environ[RESULT_FILE_ENV], "w") as f:
         json.dump(result, f)
 
 
-# ---------------------------------------------------------------------------------------------- orchestration
-def spawn_child(role: str, models: list[str], args) -> dict:
+# -------------------------------------------------------------------------------------------------- orchestration
+def spawn_child(role: str, name: str, settings) -> dict:
     """Re-invoke this script as ``--child role``; returns its JSON result plus its peak RSS from os.wait4."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path, log_path = os.path.join(tmp, "result.json"), os.path.join(tmp, "log.txt")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", role, "--models", ",".join(models),
-               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-        if role != "prepare":
-            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", role, "--models", name,
+               "--batch-size", str(settings.batch_size), "--threads", str(settings.threads),
+               "--steps", str(settings.steps), "--warmup", str(settings.warmup)]
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, RESULT_FILE_ENV: result_path})
@@ -272,11 +321,10 @@ def spawn_child(role: str, models: list[str], args) -> dict:
         if proc.returncode != 0 or not os.path.isfile(result_path):
             with open(log_path) as log:
                 tail = log.read()[-4000:]
-            raise RuntimeError(f"child {role} {models} exited with {proc.returncode}:\n{tail}")
+            raise RuntimeError(f"child {role} for {name} exited with {proc.returncode}:\n{tail}")
         with open(result_path) as f:
             result = json.load(f)
-    if role != "prepare":
-        result["peak_rss_kib"] = usage.ru_maxrss
+    result["peak_rss_kib"] = usage.ru_maxrss
     return result
 
 
@@ -289,19 +337,22 @@ def run_settings(name: str, args) -> argparse.Namespace:
     return settings
 
 
-def measure(name: str, info: dict, args) -> dict:
+def measure(name: str, args) -> dict:
     settings = run_settings(name, args)
-    runs = {v: [] for v in VARIANTS}
+    timings = []
     for repeat in range(settings.repeats):
-        for variant in VARIANTS:
-            result = spawn_child(variant, [name], settings)
-            runs[variant].append(result)
-            times = result["step_s"][settings.warmup:]
-            flag = "  (ran the token-reward pass itself: peak includes it)" if result["ran_token_reward_pass"] else ""
-            print(f"[{name}] repeat {repeat + 1}/{settings.repeats} {variant:8s} median step "
-                  f"{1e3 * statistics.median(times):8.1f} ms, peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB{flag}",
-                  flush=True)
-    return summarize(name, info, runs, settings)
+        print(f"[{name}] timing repeat {repeat + 1}/{settings.repeats}: {', '.join(VARIANTS)} take turns, "
+              f"{settings.warmup} + {settings.steps} steps each ...", flush=True)
+        timings.append(spawn_child("time", name, settings))
+        medians = {v: 1e3 * statistics.median(s[settings.warmup:]) for v, s in timings[-1]["step_s"].items()}
+        print(f"[{name}] {timings[0]['params'] / 1e6:.2f}M parameters; median step ms: "
+              + ", ".join(f"{v} {m:.1f}" for v, m in medians.items()), flush=True)
+    memory = {}
+    for variant in VARIANTS:
+        memory[variant] = result = spawn_child(variant, name, settings)
+        flag = "  (ran the token-reward pass itself: peak includes it)" if result["ran_token_reward_pass"] else ""
+        print(f"[{name}] memory {variant:8s} peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB{flag}", flush=True)
+    return summarize(name, timings, memory, settings)
 
 
 def peak_mib(result: dict) -> tuple[float, float]:
@@ -316,17 +367,19 @@ def ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
 
-def summarize(name: str, info: dict, runs: dict, settings) -> dict:
+def summarize(name: str, timings: list[dict], memory: dict, settings) -> dict:
     variants = {}
-    for variant, results in runs.items():
-        steps = [t for r in results for t in r["step_s"][settings.warmup:]]
-        peaks = [peak_mib(r) for r in results]
+    for variant in VARIANTS:
+        steps = [t for run in timings for t in run["step_s"][variant][settings.warmup:]]
+        peak, above = peak_mib(memory[variant])
         variants[variant] = {
             "timed_steps": len(steps),
             "median_step_s": statistics.median(steps),
-            "peak_mib": statistics.median(p for p, _ in peaks),
-            "peak_above_imports_mib": statistics.median(d for _, d in peaks),
-            "runs": results,
+            "step_s_per_repeat": [run["step_s"][variant] for run in timings],
+            "init_s_per_repeat": [run["init_s"][variant] for run in timings],
+            "peak_mib": peak,
+            "peak_above_imports_mib": above,
+            "memory_run": memory[variant],
         }
     treg, dpo, trl = (variants[v] for v in VARIANTS)
     ratios = {
@@ -336,8 +389,8 @@ def summarize(name: str, info: dict, runs: dict, settings) -> dict:
         "treg/trl-dpo peak above imports": ratio(treg["peak_above_imports_mib"], trl["peak_above_imports_mib"]),
     }
     run = {k: getattr(settings, k) for k in ("steps", "warmup", "repeats", "batch_size", "threads")}
-    run["max_length"] = MODELS[name].max_length
-    return {"model": name, **info, "settings": run, "variants": variants, "ratios": ratios}
+    run.update(max_length=MODELS[name].max_length, memory_steps=MEMORY_STEPS)
+    return {"model": name, "params": timings[0]["params"], "settings": run, "variants": variants, "ratios": ratios}
 
 
 def fmt_ratio(value: float | None, target_key: str | None = None) -> str:
@@ -350,7 +403,7 @@ def fmt_ratio(value: float | None, target_key: str | None = None) -> str:
 
 
 def print_report(summaries: list[dict]) -> None:
-    on_gpu = summaries[0]["variants"]["treg"]["runs"][0]["device"] == "cuda"
+    on_gpu = summaries[0]["variants"]["treg"]["memory_run"]["device"] == "cuda"
     memory = "CUDA max alloc" if on_gpu else "peak RSS"
     print(f"\n{'model':6s} {'params':>7s}  {'variant':8s} {'steps':>5s} {'step ms (median)':>17s} "
           f"{memory + ' MiB':>15s} {'above imports':>14s}")
@@ -367,20 +420,20 @@ def print_report(summaries: list[dict]) -> None:
               f"(above imports {fmt_ratio(r['treg/trl-dpo peak above imports'])})")
     print(f"\nnote: TRL-DPO's {memory} includes its live reference model; T-REG's and DPO's exclude it (per-token "
           "reference log-probs and token rewards are precomputed and loaded from the treg cache).\n"
-          "      step = on_step_end to on_step_end (collate + forward(s) + backward + optimizer + metrics); "
-          "init and the token-reward pass are not timed.")
+          "      step = from a trainer's turn to its on_step_end (collate + forward(s) + backward + optimizer + "
+          "metrics), variants interleaved step by step; init and the token-reward pass are not timed.")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,20m", help=f"comma-separated, from {list(MODELS)}")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default per model: tiny 30, 20m 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed first steps per run (default: tiny 3, 20m 1)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved runs per variant (default: tiny 2, 20m 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant and repeat (default: tiny 40, 20m 6)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default: tiny 3, 20m 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timing runs, each a fresh process (default: 1)")
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
     p.add_argument("--json", default=None, help="write every raw number to this file")
-    p.add_argument("--child", choices=("prepare",) + VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("time",) + VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
@@ -395,12 +448,7 @@ def main(argv=None) -> None:
         run_child(args)
         return
     start = time.perf_counter()
-    print(f"preparing {', '.join(args.models)}: models, data, token-reward caches ...", flush=True)
-    prepared = spawn_child("prepare", args.models, args)
-    for name, info in prepared.items():
-        print(f"[{name}] {info['params'] / 1e6:.2f}M parameters; trainer init incl. token-reward pass or cache load: "
-              f"treg {info['treg_init_s']:.1f} s, dpo {info['dpo_init_s']:.1f} s", flush=True)
-    summaries = [measure(name, prepared[name], args) for name in args.models]
+    summaries = [measure(name, args) for name in args.models]
     print_report(summaries)
     own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"total {time.perf_counter() - start:.0f} s (orchestrator peak RSS {own_peak:.0f} MiB)")

@@ -185,13 +185,15 @@ class TinyModelRecipe:
     plain_defect_rate: float = 0.3  # share of plain-prompt SFT answers with one defect: the model stays imperfect
     positive_template: str = DEFAULT_POSITIVE_TEMPLATE
     negative_template: str = DEFAULT_NEGATIVE_TEMPLATE
-    version: int = 1
+    version: int = 2
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def new_tiny_model(vocab_size: int, recipe: TinyModelRecipe = TinyModelRecipe(), pad_token_id: int = 0):
+def new_tiny_model(
+    vocab_size: int, recipe: TinyModelRecipe = TinyModelRecipe(), pad_token_id: int = 0, eos_token_id: int = 1
+):
     torch.manual_seed(recipe.seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -202,6 +204,8 @@ def new_tiny_model(vocab_size: int, recipe: TinyModelRecipe = TinyModelRecipe(),
         num_key_value_heads=recipe.num_heads,
         max_position_embeddings=recipe.max_positions,
         pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
@@ -234,6 +238,8 @@ def sft_tiny_model(model, tokenizer, recipe: TinyModelRecipe, show_progress: boo
 
     rng = random.Random(recipe.seed)
     torch.manual_seed(recipe.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny kernels: one thread is as fast and immune to contention with other processes
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / recipe.sft_steps))
     model.train()
@@ -254,6 +260,7 @@ def sft_tiny_model(model, tokenizer, recipe: TinyModelRecipe, show_progress: boo
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+    torch.set_num_threads(threads)
     model.eval()
     return model
 
@@ -265,7 +272,9 @@ def load_tiny_model(
     path = os.path.join(cache_dir or default_cache_dir(), "models", f"tiny-{recipe.key()}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         tokenizer = build_tokenizer()
-        model = new_tiny_model(len(tokenizer), recipe, pad_token_id=tokenizer.pad_token_id)
+        model = new_tiny_model(
+            len(tokenizer), recipe, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+        )
         sft_tiny_model(model, tokenizer, recipe, show_progress=show_progress)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
