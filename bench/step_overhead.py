@@ -22,7 +22,9 @@ How:
   model and data (deterministic) and the variant's trainer, which only loads the cache (a child that had to run the
   pass itself is flagged), and trains two steps (the second is the first with gradients, Adam state and
   activations all alive). Its peak RSS comes from ``os.wait4`` (``ru_maxrss``, KiB on Linux) and is also shown
-  above its RSS right after its imports. With CUDA, ``torch.cuda.max_memory_allocated`` instead. TRL's peak
+  above its RSS right after its imports. These children run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed
+  tensors go back to the OS and the peak is that of live memory, repeatable to the MiB (untimed, so it costs
+  nothing in the step times). With CUDA, ``torch.cuda.max_memory_allocated`` instead. TRL's peak
   includes its live reference model; T-REG has none.
 
 Targets (printed as PASS/MISS, never a failure): T-REG step ≤ 1.03x DPO and ≤ 1.00x TRL DPO.
@@ -56,6 +58,9 @@ VARIANTS = ("treg", "dpo", "trl-dpo")
 TARGETS = {"treg/dpo step": 1.03, "treg/trl-dpo step": 1.00}
 BETA, LEARNING_RATE, TREG_ALPHA = 0.1, 5e-4, 0.5
 MEMORY_STEPS = 2
+# A fixed glibc mmap threshold in the memory children: every large tensor is mmap'ed and returned to the OS when
+# freed, so peak RSS tracks the peak of live tensors instead of varying by ~100 MiB with heap fragmentation.
+MEMORY_MMAP_THRESHOLD = "131072"
 RESULT_FILE_ENV = "STEP_OVERHEAD_RESULT"
 
 
@@ -90,7 +95,8 @@ def build_model(name: str):
     model, tokenizer, _ = load_tiny_model(show_progress=False)
     recipe = MODELS[name].recipe
     if recipe is not None:
-        model = new_tiny_model(len(tokenizer), TinyModelRecipe(**recipe), pad_token_id=tokenizer.pad_token_id)
+        model = new_tiny_model(len(tokenizer), TinyModelRecipe(**recipe), pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
     return model, tokenizer
 
 
@@ -313,9 +319,11 @@ def spawn_child(role: str, name: str, settings) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", role, "--models", name,
                "--batch-size", str(settings.batch_size), "--threads", str(settings.threads),
                "--steps", str(settings.steps), "--warmup", str(settings.warmup)]
+        env = {**os.environ, RESULT_FILE_ENV: result_path}
+        if role != "time":
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", MEMORY_MMAP_THRESHOLD)
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, RESULT_FILE_ENV: result_path})
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0 or not os.path.isfile(result_path):
@@ -427,7 +435,7 @@ def print_report(summaries: list[dict]) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,20m", help=f"comma-separated, from {list(MODELS)}")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant and repeat (default: tiny 40, 20m 6)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: tiny 40, 20m 6)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default: tiny 3, 20m 1)")
     p.add_argument("--repeats", type=int, default=None, help="timing runs, each a fresh process (default: 1)")
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
@@ -439,6 +447,11 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    for key in ("steps", "repeats", "batch_size", "threads"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.warmup is not None and args.warmup < 0:
+        p.error("--warmup must be at least 0")
     return args
 
 
