@@ -36,23 +36,6 @@ from treg.trainer import TRegConfig, TRegTrainer
 N_ROWS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are far too small for intra-op parallelism; on a busy 2-core box two threads spin-wait
-    and run ~100× slower. One thread keeps this file fast and deterministic; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(one_thread, tiny):
-    """conftest's session model, requested under one thread: if this module is the first to need it, its SFT build
-    takes ~10 s instead of minutes on a busy 2-core machine."""
-    return tiny
-
-
 def _config(tmp, **overrides):
     kw = dict(
         output_dir=str(tmp / "out"), use_cpu=True, activation_checkpointing=False, report_to="none",

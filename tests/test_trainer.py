@@ -26,23 +26,6 @@ N_PAIRS = 32
 LR = 1e-3  # large enough that 2-4 steps move the weights far beyond the tolerances below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are far too small for intra-op parallelism; on a busy 2-core box two threads spin-wait
-    and run ~100× slower. One thread keeps this file fast and deterministic; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(one_thread, tiny):
-    """conftest's session model, requested under one thread: if this module is the first to need it, its SFT build
-    takes ~10 s instead of minutes on a busy 2-core machine."""
-    return tiny
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     """Token-reward cache shared by the runs of this module: every run starts from the same weights, so the pass runs
