@@ -18,6 +18,7 @@ passes score identical tokens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -197,7 +198,7 @@ def attach_contrastive_rewards(
         columns = Dataset.from_dict(compute())
     else:
         path = os.path.join(cache_dir or cache_lib.default_cache_dir(), "token_rewards", f"{CACHE_VERSION}-{key[:24]}")
-        guard = main_process_first() if main_process_first is not None else _null()
+        guard = main_process_first() if main_process_first is not None else contextlib.nullcontext()
         with guard:
             columns = cache_lib.load(path)
             if columns is None:
@@ -211,14 +212,6 @@ def attach_contrastive_rewards(
     dataset = concatenate_datasets([dataset, columns], axis=1)
     check_token_columns(dataset, max_length)
     return dataset
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def summarize(values: list[list[float]]) -> dict[str, float]:
