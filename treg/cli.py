@@ -1,8 +1,9 @@
-"""The ``treg`` command (also ``python -m treg``): ``train``, ``rewards`` and ``quickstart``.
+"""The ``treg`` command (also ``python -m treg``): ``train``, ``rewards``, ``quickstart`` and ``viz``.
 
     treg train --config recipes/tiny/treg-dpo.yaml [--treg_alpha 0.5 ...]
     treg rewards --config recipes/tiny/treg-dpo.yaml
     treg quickstart [--output_dir DIR]
+    treg viz --checkpoint CKPT [--ref-model REF] --dataset DATA [--rows 0 1 2] [--out heatmap.html|.png]
 
 ``train`` and ``rewards`` read the same YAML keys as TRL's parser (ModelConfig, DPOConfig fields) plus treg's own
 (TRegConfig, :class:`DataArguments`). Command-line flags override the YAML.
@@ -206,7 +207,51 @@ def cmd_quickstart(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "rewards": cmd_rewards, "quickstart": cmd_quickstart}
+def cmd_viz(argv: list[str]) -> int:
+    """Token heatmaps (r̂, the checkpoint's implicit token rewards, true defects) of dataset rows, as HTML or PNG."""
+    parser = argparse.ArgumentParser(
+        prog="treg viz",
+        description="Per-token heatmaps of responses: the reference model's contrastive rewards r̂, the checkpoint's "
+        "implicit token rewards β·log π/π_ref (with --ref-model) and the known defect tokens, as HTML or PNG.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="trained model: local path, hub id, or treg:tiny")
+    parser.add_argument("--ref-model", default=None, help="reference model (path, hub id, treg:tiny); r̂ comes from it")
+    parser.add_argument("--dataset", required=True, help="preference data: local file/folder, hub id, or treg:toy")
+    parser.add_argument("--split", default="train", help="dataset split (hub datasets and folders)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[0], help="row indices to show")
+    parser.add_argument("--side", choices=["rejected", "chosen", "both"], default="rejected")
+    parser.add_argument("--beta", type=float, default=0.1, help="β of the implicit token reward")
+    parser.add_argument("--max-length", type=int, default=None, help="the training max_length (truncation)")
+    parser.add_argument("--positive-template", default=None, help="x⁺ template (default: TRegConfig's)")
+    parser.add_argument("--negative-template", default=None, help="x⁻ template (default: TRegConfig's)")
+    parser.add_argument("--out", default="token-heatmap.html", help="output file, .html/.htm or .png")
+    args = parser.parse_args(argv)
+    from treg.viz import VizError, visualize
+
+    try:
+        path = visualize(
+            args.checkpoint,
+            args.dataset,
+            ref_model=args.ref_model,
+            rows=args.rows,
+            side=args.side,
+            beta=args.beta,
+            out=args.out,
+            max_length=args.max_length,
+            split=args.split,
+            positive_template=args.positive_template,
+            negative_template=args.negative_template,
+        )
+    except (VizError, ImportError) as e:
+        if isinstance(e, ImportError) and "treg[viz]" not in str(e):
+            raise
+        print(f"treg viz: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "rewards": cmd_rewards, "quickstart": cmd_quickstart, "viz": cmd_viz}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
     "{%- for m in messages -%}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
-TASKS = ("copy", "reverse", "sort")
+TASKS = ("copy", "reverse", "sort", "inc")
 DIGITS = "0123456789"
 
 
@@ -63,6 +63,8 @@ class Task:
             return list(self.digits)
         if self.name == "reverse":
             return list(reversed(self.digits))
+        if self.name == "inc":  # add one to every digit, 9 wraps to 0
+            return [str((int(d) + 1) % 10) for d in self.digits]
         return sorted(self.digits)
 
 
@@ -171,21 +173,29 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 # ---------------------------------------------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class TinyModelRecipe:
-    """Everything that determines the cached tiny model (its hash is the cache key)."""
+    """Everything that determines the cached tiny model (its hash is the cache key).
 
-    hidden_size: int = 64
-    num_layers: int = 2
+    Two stages, like an instruction-tuned LLM: *pretraining* on plain task text (``"sort: 3 1 2 => 1 2 3"``, loss on
+    every token) teaches the skills; *SFT* on chat-formatted instructions (loss on the answer only) teaches it to
+    follow the chat template and to respond to quality instructions. SFT answers to plain prompts carry one defect
+    with probability ``plain_defect_rate``, so the model stays imperfect and its samples differ in quality.
+    """
+
+    hidden_size: int = 96
+    num_layers: int = 3
     num_heads: int = 4
-    intermediate_size: int = 128
+    intermediate_size: int = 256
     max_positions: int = 1024
-    sft_steps: int = 400
+    pretrain_steps: int = 1500
+    sft_steps: int = 500
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     seed: int = 0
-    plain_defect_rate: float = 0.3  # share of plain-prompt SFT answers with one defect: the model stays imperfect
+    plain_defect_rate: float = 0.3
+    negative_length_errors: float = 0.3  # share of x⁻ answers that also gain or lose a word
     positive_template: str = DEFAULT_POSITIVE_TEMPLATE
     negative_template: str = DEFAULT_NEGATIVE_TEMPLATE
-    version: int = 2
+    version: int = 3
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -211,6 +221,14 @@ def new_tiny_model(
     return LlamaForCausalLM(config)
 
 
+def _pretrain_example(tokenizer, rng: random.Random, recipe: TinyModelRecipe) -> tuple[list[int], list[int]]:
+    """One pretraining document (ids, loss mask): plain task text with the correct answer, loss on every token."""
+    task = random_task(rng)
+    ids = list(tokenizer(f"{task.prompt} => {' '.join(task.answer)}", add_special_tokens=False)["input_ids"])
+    ids.append(tokenizer.eos_token_id)
+    return ids, [1] * len(ids)
+
+
 def _sft_example(tokenizer, rng: random.Random, recipe: TinyModelRecipe) -> tuple[list[int], list[int]]:
     """One SFT sequence (ids, loss mask). Plain prompt → mostly correct; x⁺ → correct; x⁻ → defective."""
     task = random_task(rng)
@@ -223,6 +241,11 @@ def _sft_example(tokenizer, rng: random.Random, recipe: TinyModelRecipe) -> tupl
     else:
         prompt = recipe.negative_template.format(prompt=task.prompt)
         words, _ = corrupt(task.answer, rng, max(1, len(task.answer) // 2))
+        if rng.random() < recipe.negative_length_errors:
+            if rng.random() < 0.5:
+                words.insert(rng.randrange(len(words) + 1), rng.choice(DIGITS))
+            else:
+                words.pop(rng.randrange(len(words)))
     messages = [{"role": "user", "content": prompt}]
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     full = tokenizer.apply_chat_template(
@@ -232,20 +255,15 @@ def _sft_example(tokenizer, rng: random.Random, recipe: TinyModelRecipe) -> tupl
     return ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)
 
 
-def sft_tiny_model(model, tokenizer, recipe: TinyModelRecipe, show_progress: bool = True):
-    """Plain next-token SFT on the toy task, loss on the answer tokens only."""
+def _train_stage(model, tokenizer, rng, recipe, make_example, steps: int, desc: str, show_progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    rng = random.Random(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny kernels: one thread is as fast and immune to contention with other processes
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / recipe.sft_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
     model.train()
     disable = (not show_progress) or bool(os.environ.get("TQDM_DISABLE"))
-    for _ in tqdm(range(recipe.sft_steps), desc="SFT of the tiny model", disable=disable):
-        batch = [_sft_example(tokenizer, rng, recipe) for _ in range(recipe.batch_size)]
+    for _ in tqdm(range(steps), desc=desc, disable=disable):
+        batch = [make_example(tokenizer, rng, recipe) for _ in range(recipe.batch_size)]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)
@@ -260,7 +278,21 @@ def sft_tiny_model(model, tokenizer, recipe: TinyModelRecipe, show_progress: boo
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    torch.set_num_threads(threads)
+
+
+def sft_tiny_model(model, tokenizer, recipe: TinyModelRecipe, show_progress: bool = True):
+    """Pretraining on plain task text, then SFT on chat-formatted instructions (loss on the answer tokens)."""
+    rng = random.Random(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny kernels: one thread is as fast and immune to contention with other processes
+    try:
+        _train_stage(model, tokenizer, rng, recipe, _pretrain_example, recipe.pretrain_steps,
+                     "Pretraining the tiny model", show_progress)
+        _train_stage(model, tokenizer, rng, recipe, _sft_example, recipe.sft_steps, "SFT of the tiny model",
+                     show_progress)
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return model
 
@@ -291,23 +323,124 @@ def load_tiny_model(
     return model, tokenizer, path
 
 
-# -------------------------------------------------------------------------------------------------------- metrics
-def rejected_token_defects(tokenizer, dataset) -> list[list[bool]]:
-    """Per completion token of each tokenized row's rejected response: is it (part of) a defect word?
+# ------------------------------------------------------------------------------------------------ on-policy pairs
+def task_prompts(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """``n`` distinct toy prompts drawn with ``seed``, none of them in ``exclude`` (e.g. the training prompts)."""
+    rng, out, seen = random.Random(seed), [], set(exclude)
+    while len(out) < n:
+        prompt = random_task(rng).prompt
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+    return out
 
-    The completion is the answer's tokens followed by the chat template's end-of-turn token, which is never a defect.
+
+def make_onpolicy_pairs(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int = 4,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    show_progress: bool = True,
+) -> tuple[Dataset, dict]:
+    """Preference pairs built the T-REG/SimPO papers' way, with the oracle as the reward model.
+
+    For each prompt, sample ``num_samples`` responses from ``model`` (the SFT policy), score them with
+    :func:`oracle`, keep the best as chosen and the worst as rejected, and drop the prompt when all scores tie (or
+    fewer than two non-empty responses came back). Returns ``(dataset, stats)``; the dataset is conversational with
+    ``chosen_defects`` / ``rejected_defects`` (one flag per word) and ``chosen_score`` / ``rejected_score``.
+    """
+    from treg.evaluation.generate import generate
+
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    samples = generate(
+        model, tokenizer, messages, num_samples=num_samples, do_sample=True, temperature=temperature,
+        max_new_tokens=24, batch_size=batch_size, seed=seed, show_progress=show_progress, desc="Sampling responses",
+    )
+    rows, ties, empty = [], 0, 0
+    for prompt, texts in zip(prompts, samples):
+        scored = [(oracle(prompt, t.strip()), t.strip()) for t in texts if t.strip()]
+        if len(scored) < 2:
+            empty += 1
+            continue
+        (best_score, best_flags), best = max(scored, key=lambda s: s[0][0])
+        (worst_score, worst_flags), worst = min(scored, key=lambda s: s[0][0])
+        if best_score == worst_score:
+            ties += 1
+            continue
+        rows.append({
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": best}],
+            "rejected": [{"role": "assistant", "content": worst}],
+            "chosen_defects": best_flags,
+            "rejected_defects": worst_flags,
+            "chosen_score": best_score,
+            "rejected_score": worst_score,
+        })
+    all_scores = [oracle(p, t.strip())[0] for p, texts in zip(prompts, samples) for t in texts]
+    stats = {
+        "prompts": len(prompts),
+        "pairs": len(rows),
+        "dropped_ties": ties,
+        "dropped_empty": empty,
+        "sample_oracle_score": sum(all_scores) / max(len(all_scores), 1),
+    }
+    return Dataset.from_list(rows), stats
+
+
+def greedy_oracle_score(model, tokenizer, prompts: list[str], batch_size: int = 64,
+                        show_progress: bool = True) -> dict:
+    """Greedy answers to plain prompts, scored by the oracle: mean score and exact-match rate."""
+    from treg.evaluation.generate import generate
+
+    texts = generate(
+        model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=24,
+        batch_size=batch_size, show_progress=show_progress, desc="Greedy answers",
+    )
+    scores = [oracle(p, t[0].strip())[0] for p, t in zip(prompts, texts)]
+    return {
+        "oracle_accuracy": sum(scores) / len(scores),
+        "exact_match": sum(s == 1.0 for s in scores) / len(scores),
+        "samples": [(p, t[0]) for p, t in zip(prompts[:5], texts[:5])],
+    }
+
+
+# -------------------------------------------------------------------------------------------------------- metrics
+def token_defects(tokenizer, dataset, side: str = "rejected") -> list[list[bool]]:
+    """Per completion token of each tokenized row's ``side`` response: is it (part of) a defect word?
+
+    Needs ``{side}``, ``{side}_defects`` (per word) and ``{side}_ids``. The completion is the answer's tokens followed
+    by the chat template's end-of-turn token, which is never flagged.
     """
     out = []
-    for row, (rejected, flags, ids) in enumerate(
-        zip(dataset["rejected"], dataset["rejected_defects"], dataset["rejected_ids"])
+    for row, (response, flags, ids) in enumerate(
+        zip(dataset[side], dataset[f"{side}_defects"], dataset[f"{side}_ids"])
     ):
-        text = rejected[0]["content"] if isinstance(rejected, list) else rejected
+        text = response[0]["content"] if isinstance(response, list) else response
         token_flags = word_flags_to_token_flags(tokenizer, text, flags)
         token_flags += [False] * (len(ids) - len(token_flags))
         if len(token_flags) != len(ids):
-            raise ValueError(f"row {row}: {len(token_flags)} token flags for {len(ids)} rejected tokens")
+            raise ValueError(f"row {row}: {len(token_flags)} token flags for {len(ids)} {side} tokens")
         out.append(token_flags)
     return out
+
+
+def rejected_token_defects(tokenizer, dataset) -> list[list[bool]]:
+    """:func:`token_defects` of the rejected responses."""
+    return token_defects(tokenizer, dataset, "rejected")
+
+
+def defect_auc(per_row_scores, per_row_flags) -> float:
+    """ROC AUC of ``−score`` for detecting defect tokens, over every answer token (end-of-turn token excluded).
+
+    A low reward on defect tokens and a high one on correct tokens gives an AUC near 1; 0.5 is chance.
+    """
+    scores = [-float(v) for row, flags in zip(per_row_scores, per_row_flags) for v in list(row)[: len(flags) - 1]]
+    labels = [f for flags in per_row_flags for f in flags[:-1]]
+    return roc_auc(scores, labels)
 
 
 def roc_auc(scores, labels) -> float:
