@@ -14,7 +14,8 @@ answers quality instructions the way T-REG's contrastive prompts need. For each 
 3. every method trains from the same SFT model on the same pairs, then is measured on the held-out pairs and prompts:
    ``token_auc`` (ROC AUC of −log π/π_ref for defect tokens; β is a positive constant and does not change an AUC),
    ``pair_accuracy`` (the held-out chosen has the higher sequence log-ratio), ``oracle_accuracy`` (mean oracle
-   score of greedy answers) and ``exact_match``.
+   score of greedy answers), ``exact_match`` (share of fully correct greedy answers) and ``sampled_accuracy`` (mean
+   oracle score of one answer sampled at temperature 1, the distribution the pairs came from).
 
 Methods: dpo, treg_dpo (DPO-REG), simpo, treg_simpo (SimPO-REG) and the paper's ablations of DPO-REG:
 treg_dpo_no_weight (w ≡ 1), treg_dpo_dpo_rewards (r̂ from the seed's trained DPO model, METHOD.md §3) and
@@ -55,7 +56,7 @@ class Size:
 
 
 SIZES = {
-    "quick": Size(train_prompts=640, eval_prompts=256, samples=4, epochs=2.0, batch_size=16),
+    "quick": Size(train_prompts=2048, eval_prompts=512, samples=4, epochs=2.0, batch_size=16),
     "full": Size(train_prompts=8192, eval_prompts=1024, samples=8, epochs=3.0, batch_size=32),
     "smoke": Size(train_prompts=48, eval_prompts=24, samples=4, epochs=1.0, batch_size=16),  # tests only
 }
@@ -92,12 +93,18 @@ def _pairs(model, tokenizer, size: Size, seed: int):
     return train, held_out, eval_prompts, train_stats
 
 
-def _config(output_dir: str, size: Size, seed: int, **method):
+# The preference stage's learning rate is a tenth of the tiny model's SFT peak (1e-3), the usual practice of
+# training the preference stage far more gently than SFT (the DPO/SimPO papers use 1/20–1/40). --learning-rate
+# overrides it; docs/credit-assignment.md also reports 5e-4.
+LEARNING_RATE = 1e-4
+
+
+def _config(output_dir: str, size: Size, seed: int, learning_rate: float = LEARNING_RATE, **method):
     from treg.trainer import TRegConfig
 
     return TRegConfig(
         output_dir=output_dir,
-        learning_rate=5e-4,
+        learning_rate=learning_rate,
         num_train_epochs=size.epochs,
         per_device_train_batch_size=size.batch_size,
         max_length=128,
@@ -132,23 +139,28 @@ def _token_scores(model, dataset, ref: dict, pad_id: int) -> dict:
     return out
 
 
-def _measure(model, tokenizer, held_out, ref, flags, eval_prompts, pad_id) -> tuple[dict, dict]:
-    from treg.synthetic import defect_auc, greedy_oracle_score
+def _measure(model, tokenizer, held_out, ref, flags, eval_prompts, pad_id, seed) -> tuple[dict, dict]:
+    from treg.synthetic import defect_auc, first_defect_auc, greedy_oracle_score, sampled_oracle_score
 
     scores = _token_scores(model, held_out, ref, pad_id)
     greedy = greedy_oracle_score(model, tokenizer, eval_prompts, show_progress=False)
+    sampled = sampled_oracle_score(model, tokenizer, eval_prompts, seed=seed, show_progress=False)
     margins = [c.sum() - r.sum() for c, r in zip(scores["chosen"], scores["rejected"])]
     metrics = {
         "token_auc": defect_auc(scores["chosen"] + scores["rejected"], flags["chosen"] + flags["rejected"]),
         "token_auc_rejected": defect_auc(scores["rejected"], flags["rejected"]),
+        "token_auc_first_defect": first_defect_auc(scores["chosen"] + scores["rejected"],
+                                                   flags["chosen"] + flags["rejected"]),
         "pair_accuracy": float(np.mean([m > 0 for m in margins])),
         "oracle_accuracy": greedy["oracle_accuracy"],
         "exact_match": greedy["exact_match"],
+        "sampled_accuracy": sampled["oracle_accuracy"],
     }
     return metrics, scores
 
 
-def run_group(seed: int, group: tuple[str, ...], size: Size, cache_dir: str) -> dict:
+def run_group(seed: int, group: tuple[str, ...], size: Size, cache_dir: str, learning_rate: float = LEARNING_RATE,
+              heatmap_seed: int = 0) -> dict:
     """Train and measure the methods of one group for one seed (a worker process)."""
     import torch
 
@@ -162,7 +174,7 @@ def run_group(seed: int, group: tuple[str, ...], size: Size, cache_dir: str) -> 
     from transformers import PrinterCallback
 
     from treg.scoring import score_completions
-    from treg.synthetic import load_tiny_model, token_defects
+    from treg.synthetic import greedy_oracle_score, load_tiny_model, sampled_oracle_score, token_defects
     from treg.token_rewards import CHOSEN_REWARDS, REJECTED_REWARDS
     from treg.trainer import TRegTrainer
 
@@ -179,10 +191,11 @@ def run_group(seed: int, group: tuple[str, ...], size: Size, cache_dir: str) -> 
         del probe
         train_flags = {s: token_defects(tokenizer, train_tok, s) for s in ("chosen", "rejected")}
         flags = {s: token_defects(tokenizer, held_out, s) for s in ("chosen", "rejected")}
-        from treg.synthetic import defect_auc
+        from treg.synthetic import defect_auc, first_defect_auc
 
         rhat = list(train_tok[CHOSEN_REWARDS]) + list(train_tok[REJECTED_REWARDS])
         out["reward_auc"] = defect_auc(rhat, train_flags["chosen"] + train_flags["rejected"])
+        out["reward_auc_first_defect"] = first_defect_auc(rhat, train_flags["chosen"] + train_flags["rejected"])
         out["reward_auc_held_out"] = defect_auc(
             list(held_out[CHOSEN_REWARDS]) + list(held_out[REJECTED_REWARDS]), flags["chosen"] + flags["rejected"]
         )
@@ -191,11 +204,12 @@ def run_group(seed: int, group: tuple[str, ...], size: Size, cache_dir: str) -> 
                                  pad_token_id=pad_id, show_progress=False)
             for s in ("chosen", "rejected")
         }
-        sft_greedy = __import__("treg.synthetic", fromlist=["x"]).greedy_oracle_score(
-            sft, tokenizer, eval_prompts, show_progress=False)
-        out["sft"] = {"oracle_accuracy": sft_greedy["oracle_accuracy"], "exact_match": sft_greedy["exact_match"]}
+        sft_greedy = greedy_oracle_score(sft, tokenizer, eval_prompts, show_progress=False)
+        sft_sampled = sampled_oracle_score(sft, tokenizer, eval_prompts, seed=seed, show_progress=False)
+        out["sft"] = {"oracle_accuracy": sft_greedy["oracle_accuracy"], "exact_match": sft_greedy["exact_match"],
+                      "sampled_accuracy": sft_sampled["oracle_accuracy"]}
         heat = {"rows": [], "rhat": {}, "methods": {}}
-        if group == GROUPS[0]:
+        if seed == heatmap_seed:
             rows = [i for i, f in enumerate(flags["rejected"]) if any(f)][:HEATMAP_ROWS]
             heat["rows"] = rows
             heat["tokens"] = [[tokenizer.decode([t]) for t in held_out[i]["rejected_ids"]] for i in rows]
@@ -214,12 +228,12 @@ def run_group(seed: int, group: tuple[str, ...], size: Size, cache_dir: str) -> 
                 data = train_tok.remove_columns([CHOSEN_REWARDS, REJECTED_REWARDS])
                 data = data.add_column(CHOSEN_REWARDS, [[c] * len(r) for r in train_tok[CHOSEN_REWARDS]])
                 data = data.add_column(REJECTED_REWARDS, [[0.0] * len(r) for r in train_tok[REJECTED_REWARDS]])
-            config = _config(os.path.join(tmp, name), size, seed, **method)
+            config = _config(os.path.join(tmp, name), size, seed, learning_rate, **method)
             trainer = TRegTrainer(copy.deepcopy(sft), args=config, train_dataset=data, processing_class=tokenizer)
             trainer.remove_callback(PrinterCallback)
             trainer.train()
             logs = [h for h in trainer.state.log_history if "train_loss" in h]
-            metrics, scores = _measure(trainer.model, tokenizer, held_out, ref, flags, eval_prompts, pad_id)
+            metrics, scores = _measure(trainer.model, tokenizer, held_out, ref, flags, eval_prompts, pad_id, seed)
             metrics["train_loss"] = logs[-1]["train_loss"] if logs else float("nan")
             metrics["train_seconds"] = time.time() - t0
             out["methods"][name] = metrics
@@ -263,12 +277,14 @@ def mean_ci(values) -> dict:
     return {"mean": m, "ci95": [m - half, m + half], "per_seed": [float(x) for x in values]}
 
 
-def summarize(runs: list[dict], size_name: str, seeds: list[int], seconds: float) -> dict:
+def summarize(runs: list[dict], size_name: str, seeds: list[int], seconds: float,
+              learning_rate: float = LEARNING_RATE) -> dict:
     by_seed: dict[int, dict] = {}
     for r in runs:
         merged = by_seed.setdefault(r["seed"], {"methods": {}})
         merged["methods"].update(r["methods"])
-        for key in ("reward_auc", "reward_auc_held_out", "sft", "pairs", "held_out_pairs"):
+        for key in ("reward_auc", "reward_auc_held_out", "reward_auc_first_defect", "sft", "pairs",
+                    "held_out_pairs"):
             merged[key] = r[key]
     order = [s for s in seeds if s in by_seed]
     reward = mean_ci([by_seed[s]["reward_auc"] for s in order])
@@ -277,17 +293,19 @@ def summarize(runs: list[dict], size_name: str, seeds: list[int], seconds: float
         "reward_auc_ci95": reward["ci95"],
         "reward_auc_per_seed": reward["per_seed"],
         "reward_auc_held_out": mean_ci([by_seed[s]["reward_auc_held_out"] for s in order])["mean"],
-        "sft": {k: mean_ci([by_seed[s]["sft"][k] for s in order])["mean"] for k in ("oracle_accuracy", "exact_match")},
+        "reward_auc_first_defect": mean_ci([by_seed[s]["reward_auc_first_defect"] for s in order])["mean"],
+        "sft": {k: mean_ci([by_seed[s]["sft"][k] for s in order])["mean"]
+                for k in ("oracle_accuracy", "exact_match", "sampled_accuracy")},
         "methods": {},
         "differences": {},
         "seeds": order,
         "size": size_name,
-        "config": {"sizes": SIZES[size_name].__dict__, "methods": METHODS},
+        "config": {"size": SIZES[size_name].__dict__, "methods": METHODS, "learning_rate": learning_rate},
         "pairs_per_seed": [by_seed[s]["pairs"] for s in order],
         "seconds": seconds,
     }
-    metric_names = ("token_auc", "token_auc_rejected", "pair_accuracy", "oracle_accuracy", "exact_match",
-                    "train_loss")
+    metric_names = ("token_auc", "token_auc_rejected", "token_auc_first_defect", "pair_accuracy",
+                    "oracle_accuracy", "exact_match", "sampled_accuracy", "train_loss")
     for name in METHODS:
         if not all(name in by_seed[s]["methods"] for s in order):
             continue
@@ -301,7 +319,8 @@ def summarize(runs: list[dict], size_name: str, seeds: list[int], seconds: float
     for treated, base in (("treg_dpo", "dpo"), ("treg_simpo", "simpo")):
         if treated in result["methods"] and base in result["methods"]:
             diff = {}
-            for metric in ("token_auc", "oracle_accuracy", "pair_accuracy"):
+            for metric in ("token_auc", "token_auc_first_defect", "oracle_accuracy", "sampled_accuracy",
+                           "pair_accuracy"):
                 stats = mean_ci([by_seed[s]["methods"][treated][metric] - by_seed[s]["methods"][base][metric]
                                  for s in order])
                 diff[metric] = stats["mean"]
@@ -323,17 +342,20 @@ def markdown_table(result: dict) -> str:
         lo, hi = entry[f"{metric}_ci95"]
         return f"{entry[metric]:.3f} [{lo:.3f}, {hi:.3f}]" if not math.isnan(lo) else f"{entry[metric]:.3f}"
 
-    lines = ["| method | token_auc | oracle_accuracy | exact_match | pair_accuracy |", "|---|---|---|---|---|"]
-    lines.append(f"| SFT model (start) | — | {result['sft']['oracle_accuracy']:.3f} | "
-                 f"{result['sft']['exact_match']:.3f} | — |")
+    cols = ("token_auc", "token_auc_first_defect", "oracle_accuracy", "exact_match", "sampled_accuracy",
+            "pair_accuracy")
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    sft = result["sft"]
+    lines.append(f"| SFT model (start) | — | — | {sft['oracle_accuracy']:.3f} | {sft['exact_match']:.3f} | "
+                 f"{sft['sampled_accuracy']:.3f} | — |")
     for name, e in result["methods"].items():
-        lines.append(f"| {name} | {cell(e, 'token_auc')} | {cell(e, 'oracle_accuracy')} | {cell(e, 'exact_match')} "
-                     f"| {cell(e, 'pair_accuracy')} |")
+        lines.append(f"| {name} | " + " | ".join(cell(e, c) for c in cols) + " |")
     lines.append("")
-    lines.append("| paired difference | token_auc | oracle_accuracy | pair_accuracy |")
-    lines.append("|---|---|---|---|")
+    diff_cols = ("token_auc", "token_auc_first_defect", "oracle_accuracy", "sampled_accuracy", "pair_accuracy")
+    lines.append("| paired difference | " + " | ".join(diff_cols) + " |")
+    lines.append("|---" * (len(diff_cols) + 1) + "|")
     for name, d in result["differences"].items():
-        lines.append(f"| {name} | {cell(d, 'token_auc')} | {cell(d, 'oracle_accuracy')} | {cell(d, 'pair_accuracy')} |")
+        lines.append(f"| {name} | " + " | ".join(cell(d, c) for c in diff_cols) + " |")
     return "\n".join(lines)
 
 
@@ -347,10 +369,10 @@ def write_report(result: dict, heat: dict, prefix: str) -> list[str]:
 
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     names = list(result["methods"])
-    fig = Figure(figsize=(11, 3.6))
+    fig = Figure(figsize=(14, 3.8))
     FigureCanvasAgg(fig)
-    for k, metric in enumerate(("token_auc", "oracle_accuracy", "pair_accuracy")):
-        ax = fig.add_subplot(1, 3, k + 1)
+    for k, metric in enumerate(("token_auc", "oracle_accuracy", "sampled_accuracy", "pair_accuracy")):
+        ax = fig.add_subplot(1, 4, k + 1)
         means = [result["methods"][n][metric] for n in names]
         cis = [result["methods"][n][f"{metric}_ci95"] for n in names]
         err = np.array([[m - lo, hi - m] for m, (lo, hi) in zip(means, cis)]).T
@@ -360,8 +382,8 @@ def write_report(result: dict, heat: dict, prefix: str) -> list[str]:
         for n_i, n in enumerate(names):
             ax.scatter([n_i] * len(result["methods"][n][f"{metric}_per_seed"]),
                        result["methods"][n][f"{metric}_per_seed"], s=8, color="black", zorder=3)
-        if metric == "oracle_accuracy":
-            ax.axhline(result["sft"]["oracle_accuracy"], color="#d73027", lw=1, ls="--", label="SFT model")
+        if metric in ("oracle_accuracy", "sampled_accuracy"):
+            ax.axhline(result["sft"][metric], color="#d73027", lw=1, ls="--", label="SFT model")
             ax.legend(fontsize=7, loc="lower right")
         if metric == "token_auc":
             ax.axhline(0.5, color="black", lw=0.6, ls=":")
@@ -401,7 +423,8 @@ def main(argv=None) -> int:
     size.add_argument("--quick", action="store_true", help="2-core CPU size (default)")
     size.add_argument("--full", action="store_true", help="GPU size")
     size.add_argument("--smoke", action="store_true", help="a seconds-long run that checks the plumbing (tests)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (one torch thread each)")
     parser.add_argument("--out", default="credit-assignment.json")
@@ -415,27 +438,32 @@ def main(argv=None) -> int:
 
     cache_dir = args.cache_dir or default_cache_dir()
     start = time.time()
-    print(f"credit-assignment benchmark: {size_name} {size}, seeds {args.seeds}, {args.workers} workers")
+    print(f"credit-assignment benchmark: {size_name} {size}, lr {args.learning_rate}, seeds {args.seeds}, "
+          f"{args.workers} workers")
     load_tiny_model(cache_dir=cache_dir)  # build once (cached) before the workers start
     selected = set(args.methods)
     if "treg_dpo_dpo_rewards" in selected:
         selected.add("dpo")
     groups = [tuple(m for m in g if m in selected) for g in GROUPS]
-    jobs = [(seed, g, size, cache_dir) for seed in args.seeds for g in groups if g]
+    jobs = [(seed, g, size, cache_dir, args.learning_rate, args.seeds[0]) for seed in args.seeds for g in groups if g]
     if args.workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(args.workers, len(jobs))) as pool:
             runs = pool.map(_run_group_star, jobs, chunksize=1)
     else:
         runs = [run_group(*job) for job in jobs]
-    result = summarize(runs, size_name, args.seeds, time.time() - start)
-    heat = next((r["heatmap"] for r in runs if r["heatmap"]["rows"] and r["seed"] == args.seeds[0]), {})
+    result = summarize(runs, size_name, args.seeds, time.time() - start, args.learning_rate)
+    heat = next((dict(r["heatmap"]) for r in runs if r["heatmap"]["rows"]), {})
+    if heat:  # every group drew the same held-out rows; gather the methods in the table's order
+        drawn = {k: v for r in runs if r["heatmap"]["rows"] for k, v in r["heatmap"]["methods"].items()}
+        heat["methods"] = {name: drawn[name] for name in METHODS if name in drawn}
     tmp = f"{args.out}.tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
     os.replace(tmp, args.out)
     print()
     print(f"reward_auc (r̂ vs defect tokens, training pairs): {result['reward_auc']:.3f} "
-          f"{result['reward_auc_ci95']}  held-out {result['reward_auc_held_out']:.3f}")
+          f"{result['reward_auc_ci95']}  held-out {result['reward_auc_held_out']:.3f}  up to the first defect "
+          f"{result['reward_auc_first_defect']:.3f}")
     print(markdown_table(result))
     for target, met in result.get("targets", {}).items():
         print(f"target {target}: {'met' if met else 'NOT met'}")

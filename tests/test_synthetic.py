@@ -8,12 +8,17 @@ from treg.synthetic import (
     Task,
     build_tokenizer,
     corrupt,
+    defect_auc,
+    greedy_oracle_score,
+    make_onpolicy_pairs,
     make_pairs,
     oracle,
     parse_prompt,
     roc_auc,
+    task_prompts,
     word_flags_to_token_flags,
 )
+from treg.token_rewards.contrastive import DEFAULT_NEGATIVE_TEMPLATE, DEFAULT_POSITIVE_TEMPLATE
 
 
 def test_task_answers():
@@ -54,3 +59,57 @@ def test_pairs_have_a_defective_rejected():
 def test_roc_auc_by_hand():
     assert roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75
     assert roc_auc([1, 1], [True, False]) == 0.5
+
+
+def test_inc_task_wraps_nine_to_zero():
+    assert Task("inc", ("3", "9", "0")).answer == ["4", "0", "1"]
+    assert parse_prompt("inc: 9").answer == ["0"]
+
+
+def test_task_prompts_are_distinct_and_exclude_given_ones():
+    first = task_prompts(50, seed=1)
+    assert len(set(first)) == 50
+    second = task_prompts(50, seed=1, exclude=set(first))
+    assert not set(first) & set(second)
+    assert task_prompts(50, seed=1) == first  # deterministic
+
+
+def test_defect_auc_excludes_the_end_of_turn_token():
+    # rows: answer tokens then the end-of-turn token (last), which must be ignored even when its score is extreme
+    scores = [[0.3, -0.4, 9.0], [0.2, 0.1, -9.0]]
+    flags = [[False, True, False], [False, False, False]]
+    # defect -0.4 is below all three correct answer tokens (0.3, 0.2, 0.1): AUC 1
+    assert defect_auc(scores, flags) == 1.0
+    assert defect_auc([[0.3, 0.5, 0.0]], [[False, True, False]]) == 0.0
+
+
+def test_onpolicy_pairs_pick_best_and_worst_and_drop_ties(tiny):
+    model, tokenizer, _ = tiny
+    prompts = task_prompts(24, seed=5)
+    ds, stats = make_onpolicy_pairs(model, tokenizer, prompts, num_samples=4, seed=0, show_progress=False)
+    assert stats["pairs"] == len(ds) and stats["pairs"] + stats["dropped_ties"] + stats["dropped_empty"] == 24
+    assert len(ds) > 0
+    for row in ds:
+        prompt = row["prompt"][0]["content"]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert oracle(prompt, chosen) == (row["chosen_score"], row["chosen_defects"])
+        assert oracle(prompt, rejected) == (row["rejected_score"], row["rejected_defects"])
+        assert row["chosen_score"] > row["rejected_score"]
+    again, _ = make_onpolicy_pairs(model, tokenizer, prompts, num_samples=4, seed=0, show_progress=False)
+    assert again["rejected"] == ds["rejected"]  # same seed, same samples
+
+
+def test_tiny_model_is_imperfect_but_competent_and_follows_quality_instructions(tiny):
+    """Greedy plain answers are mostly right; under x⁻ the model answers worse than under x⁺."""
+    model, tokenizer, _ = tiny
+    prompts = task_prompts(48, seed=9)
+    plain = greedy_oracle_score(model, tokenizer, prompts, show_progress=False)["oracle_accuracy"]
+    assert plain > 0.8
+    from treg.evaluation.generate import generate
+
+    def score(template):
+        msgs = [[{"role": "user", "content": template.format(prompt=p)}] for p in prompts]
+        texts = generate(model, tokenizer, msgs, max_new_tokens=24, show_progress=False)
+        return sum(oracle(p, t[0].strip())[0] for p, t in zip(prompts, texts)) / len(prompts)
+
+    assert score(DEFAULT_POSITIVE_TEMPLATE) > score(DEFAULT_NEGATIVE_TEMPLATE) + 0.3

@@ -198,12 +198,15 @@ def cmd_quickstart(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="treg quickstart", description="T-REG end to end on the embedded tiny model.")
     parser.add_argument("--output_dir", default="treg-quickstart", help="where the checkpoint is saved")
-    parser.add_argument("--train_pairs", type=int, default=512)
+    parser.add_argument("--train_prompts", type=int, default=512, help="prompts to build training pairs from")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.5, help="T-REG α")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    run(output_dir=args.output_dir, train_pairs=args.train_pairs, epochs=args.epochs, alpha=args.alpha, seed=args.seed)
+    run(
+        output_dir=args.output_dir, train_prompts=args.train_prompts, epochs=args.epochs, alpha=args.alpha,
+        seed=args.seed,
+    )
     return 0
 
 

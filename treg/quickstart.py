@@ -1,8 +1,9 @@
-"""``treg quickstart``: the whole T-REG path on the embedded tiny model, on a 2-core CPU in well under 3 minutes.
+"""``treg quickstart``: the whole T-REG path on the embedded tiny model, on a 2-core CPU in a few minutes.
 
-Build (or load the cached) tiny SFT model → toy preference pairs with known defect tokens → self-generated token
-rewards r̂ by contrastive prompting → T-REG training → checkpoint → a summary that shows whether the token-level
-signals point at the defects.
+Build (or load the cached) tiny instruction-following model → preference pairs built the papers' way (4 sampled
+answers per prompt, the oracle keeps best and worst) → self-generated token rewards r̂ by contrastive prompting →
+T-REG training → checkpoint → a summary that checks each signal against the task's ground truth: does r̂ point at
+the defect tokens, does the trained policy prefer the better answers, and do its greedy answers improve?
 """
 
 from __future__ import annotations
@@ -13,47 +14,61 @@ import numpy as np
 import torch
 
 from treg.scoring import score_completions
-from treg.synthetic import load_tiny_model, make_pairs, rejected_token_defects, roc_auc
-from treg.token_rewards import REF_REJECTED, REJECTED_REWARDS
+from treg.synthetic import (
+    defect_auc,
+    greedy_oracle_score,
+    load_tiny_model,
+    make_onpolicy_pairs,
+    task_prompts,
+    token_defects,
+)
+from treg.token_rewards import CHOSEN_REWARDS, REF_CHOSEN, REF_REJECTED, REJECTED_REWARDS
 from treg.trainer import TRegConfig, TRegTrainer
 
 
-def _rejected_token_scores(trainer, dataset):
-    """Implicit token rewards β·(log π_θ − log π_ref) of the trained policy on every rejected token."""
-    items = list(zip(dataset["prompt_ids"], dataset["rejected_ids"]))
-    policy = score_completions(
-        trainer.model, items, batch_size=32, pad_token_id=trainer._tokenizer.pad_token_id, show_progress=False
-    )
-    beta = trainer.args.beta
-    return [beta * (p - np.asarray(r)) for p, r in zip(policy, dataset[REF_REJECTED])]
+def _implicit_token_rewards(trainer, dataset) -> list[np.ndarray]:
+    """β·(log π_θ − log π_ref) of the trained policy on every chosen, then every rejected token."""
+    out = []
+    for side, ref_col in (("chosen", REF_CHOSEN), ("rejected", REF_REJECTED)):
+        items = list(zip(dataset["prompt_ids"], dataset[f"{side}_ids"]))
+        policy = score_completions(
+            trainer.model, items, batch_size=32, pad_token_id=trainer._tokenizer.pad_token_id, show_progress=False
+        )
+        out += [trainer.args.beta * (p - np.asarray(r)) for p, r in zip(policy, dataset[ref_col])]
+    return out
 
 
-def _auc(per_row_scores, per_row_flags, sign=-1.0) -> float:
-    """AUC of ``sign · score`` for detecting defect tokens (the end-of-turn token excluded)."""
-    scores = [sign * float(s) for row, flags in zip(per_row_scores, per_row_flags) for s in row[: len(flags) - 1]]
-    labels = [f for flags in per_row_flags for f in flags[:-1]]
-    return roc_auc(scores, labels)
-
-
-def _render_sample(tokenizer, dataset, row: int = 0) -> str:
+def _render_sample(tokenizer, dataset, flags) -> str:
+    row = next((i for i, f in enumerate(flags) if any(f)), 0)
     ids, rhat = dataset[row]["rejected_ids"], dataset[row][REJECTED_REWARDS]
-    flags = rejected_token_defects(tokenizer, dataset.select([row]))[0]
-    cells = [f"{tokenizer.decode([i])!r}:{r:+.3f}{' DEFECT' if f else ''}" for i, r, f in zip(ids, rhat, flags)]
+    cells = [
+        f"{tokenizer.decode([i])!r}:{r:+.2f}{'(defect)' if f else ''}" for i, r, f in zip(ids, rhat, flags[row])
+    ]
     prompt = dataset[row]["prompt"][0]["content"]
-    chosen = dataset[row]["chosen"][0]["content"]
-    return f"  prompt {prompt!r}, correct answer {chosen!r}\n  rejected tokens (r̂): " + "  ".join(cells)
+    chosen, rejected = dataset[row]["chosen"][0]["content"], dataset[row]["rejected"][0]["content"]
+    return (
+        f"  prompt {prompt!r}: chosen {chosen!r}, rejected {rejected!r}\n"
+        f"  r̂ on the rejected tokens:  " + "  ".join(cells)
+    )
 
 
-def run(output_dir: str = "treg-quickstart", train_pairs: int = 512, epochs: float = 2.0, alpha: float = 0.5,
+def run(output_dir: str = "treg-quickstart", train_prompts: int = 512, epochs: float = 2.0, alpha: float = 0.5,
         seed: int = 0) -> dict:
     start = time.time()
-    # A 64-wide model gains nothing from more threads, and two threads competing with any other busy process on a
+    # A tiny model gains nothing from more threads, and two threads competing with any other busy process on a
     # 2-core machine slow small kernels down by orders of magnitude.
     torch.set_num_threads(1)
-    print("[1/5] tiny model (built once, then cached) ...")
+    print("[1/6] tiny instruction-following model (pretrained and SFT-ed here once, then cached) ...")
     model, tokenizer, path = load_tiny_model()
     print(f"      {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters, cached at {path}")
-    train, eval_ = make_pairs(train_pairs, seed=seed), make_pairs(128, seed=seed + 10_000)
+    print("[2/6] pairs the papers' way: 4 sampled answers per prompt, the oracle keeps best and worst ...")
+    train_p = task_prompts(train_prompts, seed=seed)
+    eval_p = task_prompts(128, seed=seed + 10_000, exclude=set(train_p))
+    train, stats = make_onpolicy_pairs(model, tokenizer, train_p, seed=seed, show_progress=False)
+    eval_, _ = make_onpolicy_pairs(model, tokenizer, eval_p, seed=seed + 1, show_progress=False)
+    print(f"      {stats['pairs']} training pairs from {stats['prompts']} prompts ({stats['dropped_ties']} dropped: "
+          f"all answers tied), {len(eval_)} held-out pairs")
+    before = greedy_oracle_score(model, tokenizer, eval_p, show_progress=False)
     config = TRegConfig(
         output_dir=output_dir,
         treg_alpha=alpha,
@@ -73,17 +88,18 @@ def run(output_dir: str = "treg-quickstart", train_pairs: int = 512, epochs: flo
         seed=seed,
         disable_tqdm=True,
     )
-    print("[2/5] token rewards r̂ by contrastive prompting + per-token reference log-probs ...")
+    print("[3/6] token rewards r̂ by contrastive prompting + per-token reference log-probs ...")
     trainer = TRegTrainer(model, args=config, train_dataset=train, eval_dataset=eval_, processing_class=tokenizer)
     eval_ds = trainer.eval_dataset
-    flags = rejected_token_defects(tokenizer, eval_ds)
-    reward_auc = _auc(eval_ds[REJECTED_REWARDS], flags)
-    print(f"[3/5] training T-REG (DPO base, α={alpha}) on {len(train)} pairs ...")
+    flags = token_defects(tokenizer, eval_ds, "chosen") + token_defects(tokenizer, eval_ds, "rejected")
+    reward_auc = defect_auc(list(eval_ds[CHOSEN_REWARDS]) + list(eval_ds[REJECTED_REWARDS]), flags)
+    print(f"[4/6] training T-REG (DPO base, α={alpha}) on {len(train)} pairs ...")
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = trainer.evaluate()
-    token_auc = _auc(_rejected_token_scores(trainer, eval_ds), flags)
-    print(f"[4/5] saving checkpoint to {output_dir}")
+    token_auc = defect_auc(_implicit_token_rewards(trainer, eval_ds), flags)
+    after = greedy_oracle_score(trainer.model, tokenizer, eval_p, show_progress=False)
+    print(f"[5/6] saving checkpoint to {output_dir}")
     trainer.save_model(output_dir)
     summary = {
         "loss_first": losses[0],
@@ -92,14 +108,16 @@ def run(output_dir: str = "treg-quickstart", train_pairs: int = 512, epochs: flo
         "eval_reward_margin": metrics["eval_rewards/margins"],
         "reward_auc": reward_auc,
         "token_auc": token_auc,
+        "oracle_before": before["oracle_accuracy"],
+        "oracle_after": after["oracle_accuracy"],
         "seconds": time.time() - start,
     }
-    print("[5/5] summary")
+    print("[6/6] summary (held-out pairs and prompts; the oracle knows the truth about every token)")
     print(f"  training loss            {summary['loss_first']:.4f} → {summary['loss_last']:.4f} ({len(losses)} logs)")
-    print(f"  eval reward accuracy     {summary['eval_reward_accuracy']:.3f}  (chosen's implicit reward > rejected's)")
-    print(f"  eval reward margin       {summary['eval_reward_margin']:+.4f}")
+    print(f"  reward accuracy          {summary['eval_reward_accuracy']:.3f}  (chosen's implicit reward > rejected's)")
     print(f"  r̂ finds defect tokens    AUC {reward_auc:.3f}  (0.5 = chance; the model scored itself, no labels)")
-    print(f"  policy token reward AUC  {token_auc:.3f}  (β·log π/π_ref on rejected tokens vs true defects)")
-    print(_render_sample(tokenizer, eval_ds))
+    print(f"  policy token reward AUC  {token_auc:.3f}  (β·log π/π_ref vs true defects)")
+    print(f"  greedy oracle score      {summary['oracle_before']:.3f} (SFT) → {summary['oracle_after']:.3f} (T-REG)")
+    print(_render_sample(tokenizer, eval_ds, flags[len(eval_ds):]))
     print(f"  done in {summary['seconds']:.0f} s")
     return summary

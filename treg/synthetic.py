@@ -391,14 +391,12 @@ def make_onpolicy_pairs(
     return Dataset.from_list(rows), stats
 
 
-def greedy_oracle_score(model, tokenizer, prompts: list[str], batch_size: int = 64,
-                        show_progress: bool = True) -> dict:
-    """Greedy answers to plain prompts, scored by the oracle: mean score and exact-match rate."""
+def _answer_oracle_score(model, tokenizer, prompts, batch_size, show_progress, **sampling) -> dict:
     from treg.evaluation.generate import generate
 
     texts = generate(
         model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=24,
-        batch_size=batch_size, show_progress=show_progress, desc="Greedy answers",
+        batch_size=batch_size, show_progress=show_progress, desc="Answering held-out prompts", **sampling,
     )
     scores = [oracle(p, t[0].strip())[0] for p, t in zip(prompts, texts)]
     return {
@@ -406,6 +404,19 @@ def greedy_oracle_score(model, tokenizer, prompts: list[str], batch_size: int = 
         "exact_match": sum(s == 1.0 for s in scores) / len(scores),
         "samples": [(p, t[0]) for p, t in zip(prompts[:5], texts[:5])],
     }
+
+
+def greedy_oracle_score(model, tokenizer, prompts: list[str], batch_size: int = 64,
+                        show_progress: bool = True) -> dict:
+    """Greedy answers to plain prompts, scored by the oracle: mean score and exact-match rate."""
+    return _answer_oracle_score(model, tokenizer, prompts, batch_size, show_progress)
+
+
+def sampled_oracle_score(model, tokenizer, prompts: list[str], seed: int = 0, temperature: float = 1.0,
+                         batch_size: int = 64, show_progress: bool = True) -> dict:
+    """One answer per prompt sampled at ``temperature`` (the distribution the pairs were drawn from), scored."""
+    return _answer_oracle_score(model, tokenizer, prompts, batch_size, show_progress, do_sample=True,
+                                temperature=temperature, seed=seed)
 
 
 # -------------------------------------------------------------------------------------------------------- metrics
@@ -441,6 +452,21 @@ def defect_auc(per_row_scores, per_row_flags) -> float:
     scores = [-float(v) for row, flags in zip(per_row_scores, per_row_flags) for v in list(row)[: len(flags) - 1]]
     labels = [f for flags in per_row_flags for f in flags[:-1]]
     return roc_auc(scores, labels)
+
+
+def first_defect_auc(per_row_scores, per_row_flags) -> float:
+    """:func:`defect_auc` over each response's tokens up to and including its first defect.
+
+    The oracle flags words by position, so after a missing or extra word every later word is a defect even when it
+    continues the wrong prefix sensibly; this variant asks only whether a signal spots where a response goes wrong.
+    """
+    scores, flags = [], []
+    for row, f in zip(per_row_scores, per_row_flags):
+        answer = list(f[:-1])
+        stop = answer.index(True) + 1 if True in answer else len(answer)
+        scores.append(list(row)[:stop] + [0.0])
+        flags.append(answer[:stop] + [False])
+    return defect_auc(scores, flags)
 
 
 def roc_auc(scores, labels) -> float:

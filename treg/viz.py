@@ -25,6 +25,7 @@ import math
 import operator
 import os
 import tempfile
+import textwrap
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -310,12 +311,16 @@ def render_png(heatmaps: Sequence[TokenHeatmap] | TokenHeatmap, path: str | os.P
             title = hm.title if len(hm.title) <= 150 else hm.title[:149] + "…"
             ax.set_title(_mpl_text(title.replace("\n", " ")), fontsize=9, loc="left")
     scale_note = ";  ".join(f"{label}: ±{s:.3g}" for label, s in scales.items())
-    fig.text(0.01, 0.003, _mpl_text(f"red < 0 < green, per-signal scales: {scale_note}"), fontsize=7, va="bottom")
+    note = textwrap.wrap(f"red < 0 < green, per-signal scales: {scale_note}", width=max(60, int(fig_width * 15)))
+    fig_height = fig.get_figheight() + 0.13 * len(note)
+    fig.set_figheight(fig_height)
+    bottom = (0.13 * len(note) + 0.05) / fig_height
+    fig.text(0.01, 0.003, _mpl_text("\n".join(note)), fontsize=7, va="bottom")
 
     def write(tmp):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # missing glyphs for exotic token text
-            fig.tight_layout(rect=(0, 0.02, 1, 1))
+            fig.tight_layout(rect=(0, bottom, 1, 1))
             fig.savefig(tmp, format="png", dpi=dpi)
 
     _write_atomic(path, write)
