@@ -66,6 +66,6 @@ def test_same_model_gives_zero_rewards_and_missing_ref_columns_error(tiny, tmp_p
     trainer = TRegTrainer(copy.deepcopy(model), args=_config(tmp_path, treg_alpha=0.0),
                           train_dataset=make_pairs(3, seed=2), processing_class=tokenizer)
     ds = attach_dpo_derived_rewards(trainer.train_dataset, model, tokenizer, max_length=1024, show_progress=False)
-    assert max(abs(v) for row in ds[CHOSEN_REWARDS] + ds[REJECTED_REWARDS] for v in row) < 1e-4
+    assert max(abs(v) for row in list(ds[CHOSEN_REWARDS]) + list(ds[REJECTED_REWARDS]) for v in row) < 1e-4
     with pytest.raises(TokenRewardError, match="reference"):
         attach_dpo_derived_rewards(ds.remove_columns([REF_CHOSEN]), model, tokenizer, max_length=None)
