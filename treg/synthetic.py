@@ -1,18 +1,19 @@
 """The embedded default: a tiny tokenizer, a tiny Llama and a toy preference task with token-level ground truth.
 
-Nothing here touches a hub. The task family is deterministic digit-string manipulation, so the truth about every
-response token is known:
+Nothing here touches a hub. The task family is deterministic digit-string manipulation (copy, reverse, sort, inc),
+so the truth about every response token is known:
 
     prompt   "reverse: 3 1 4 1"        answer   "1 4 1 3"
     rejected "1 7 1 3"                 defects  [False, True, False, False]   (one flag per word)
 
-A *defect* is a word that differs from the correct answer at its position (or an extra or missing word). The
-quick start, the tests and the benchmarks build on this; the credit-assignment benchmark grows it.
+A *defect* is a word that differs from the correct answer at its position (or an extra word); a missing word lowers
+the score. The quick start, the tests and ``bench/credit_assignment.py`` build on this.
 
-The tiny model is trained here from scratch for a few hundred steps (seconds on a CPU) to follow the task and, like
-an instruction-tuned LLM, to respond to quality instructions: under T-REG's ``x⁺`` template it answers correctly,
-under ``x⁻`` it answers with defects. That makes the self-generated rewards r̂ meaningful rather than noise. It is
-cached on disk under a hash of its recipe.
+The tiny model is pretrained on plain task text and then instruction-tuned here from scratch (about 75 s on a 2-core
+CPU, then cached on disk under a hash of its recipe). Like an instruction-tuned LLM it solves the tasks imperfectly
+and responds to quality instructions: under T-REG's ``x⁺`` template it answers correctly, under ``x⁻`` with defects.
+That makes the self-generated rewards r̂ meaningful rather than noise. :func:`make_onpolicy_pairs` builds preference
+pairs from its samples the way the T-REG and SimPO papers do, with :func:`oracle` as the reward model.
 """
 
 from __future__ import annotations
