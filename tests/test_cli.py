@@ -9,11 +9,25 @@ import pytest
 from treg.cli import RecipeError, check_recipe, main, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+ALL_RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+LABEL_RECIPES = [r for r in ALL_RECIPES if r.parent.name == "label"]  # `treg label` recipes (tests/test_labels.py)
+RECIPES = [r for r in ALL_RECIPES if r not in LABEL_RECIPES]  # training recipes
 
 
 def test_recipes_are_found():
-    assert len(RECIPES) == 3, [str(r) for r in RECIPES]
+    assert len(RECIPES) == 4, [str(r) for r in RECIPES]
+    assert len(LABEL_RECIPES) == 1, [str(r) for r in LABEL_RECIPES]
+
+
+@pytest.mark.parametrize("recipe", LABEL_RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_label_recipes_have_a_header_and_known_keys(recipe):
+    import yaml
+
+    from treg.feedback.labels import LABEL_KEYS
+
+    text = recipe.read_text()
+    assert text.startswith("#") and "treg label --config recipes/" in text, "header with command"
+    assert set(yaml.safe_load(text)) <= set(LABEL_KEYS)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))

@@ -1,12 +1,17 @@
-"""The ``treg`` command (also ``python -m treg``): ``train``, ``rewards``, ``quickstart`` and ``viz``.
+"""The ``treg`` command (also ``python -m treg``): ``train``, ``rewards``, ``label``, ``pairs``, ``reward-model``,
+``quickstart`` and ``viz``.
 
     treg train --config recipes/tiny/treg-dpo.yaml [--treg_alpha 0.5 ...]
     treg rewards --config recipes/tiny/treg-dpo.yaml
+    treg label --config recipes/label/hh-harmless-tiny.yaml [--max_rows 50 ...]
+    treg pairs --model CKPT --prompts DATA --scorer rm:PATH|direct:MODEL|oracle --num-samples 5 --out DIR
+    treg reward-model --model CKPT --dataset LABELED --output_dir DIR
     treg quickstart [--output_dir DIR]
     treg viz --checkpoint CKPT [--ref-model REF] --dataset DATA [--rows 0 1 2] [--out heatmap.html|.png]
 
 ``train`` and ``rewards`` read the same YAML keys as TRL's parser (ModelConfig, DPOConfig fields) plus treg's own
-(TRegConfig, :class:`DataArguments`). Command-line flags override the YAML.
+(TRegConfig, :class:`DataArguments`). Command-line flags override the YAML. ``label`` writes RLAIF AI preference
+labels (treg.feedback.labels) and a report; its YAML keys are listed in ``treg label --help``.
 """
 
 from __future__ import annotations
@@ -254,7 +259,122 @@ def cmd_viz(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "rewards": cmd_rewards, "quickstart": cmd_quickstart, "viz": cmd_viz}
+def cmd_label(argv: list[str]) -> int:
+    """RLAIF pairwise AI preference labels (METHOD.md §4): labeled dataset + report.json under output_dir."""
+    import json
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from treg.feedback.labels import LABEL_KEYS, load_label_dataset, parse_bool
+
+    parser = argparse.ArgumentParser(prog="treg label", description="Label preference pairs with an AI labeler.")
+    parser.add_argument("--config", default=None, help="YAML recipe with the keys below; flags override it")
+    for key, (_, default, help_) in LABEL_KEYS.items():
+        parser.add_argument(f"--{key}", default=None, help=f"{help_} (default: {default})")
+    args = parser.parse_args(argv)
+    values = {k: d for k, (_, d, _) in LABEL_KEYS.items()}
+    if args.config:
+        if not os.path.isfile(args.config):
+            raise RecipeError(f"recipe {args.config!r} does not exist.")
+        with open(args.config) as f:
+            config = yaml.safe_load(f) or {}
+        if not isinstance(config, dict):
+            raise RecipeError(f"recipe {args.config!r} must be a mapping of keys to values.")
+        for key in config:
+            if key not in LABEL_KEYS:
+                close = difflib.get_close_matches(key, LABEL_KEYS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise RecipeError(f"recipe {args.config!r}: unknown key {key!r}.{hint} See `treg label --help`.")
+        values.update(config)
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    for key, (typ, _, _) in LABEL_KEYS.items():
+        v = values[key]
+        if v is None or (isinstance(v, str) and v.lower() == "none" and key != "task"):
+            values[key] = None
+            continue
+        try:
+            values[key] = parse_bool(v) if typ is bool else typ(v)
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{key}: {e}") from e
+    for key in ("model_name_or_path", "dataset"):
+        if not values[key]:
+            raise RecipeError(f"{key} is required (in the recipe or as --{key}).")
+    if values["output_format"] not in ("disk", "jsonl"):
+        raise RecipeError(f"output_format must be disk or jsonl, got {values['output_format']!r}.")
+
+    from treg.feedback.labels import LabelError, label_dataset
+
+    name = values["model_name_or_path"]
+    if name == "treg:tiny":
+        from treg.synthetic import load_tiny_model
+
+        model, tokenizer, _ = load_tiny_model()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    dataset = load_label_dataset(values)
+    try:
+        labeled, report = label_dataset(
+            model, tokenizer, dataset, task=values["task"], chain_of_thought=values["chain_of_thought"],
+            both_orders=values["both_orders"], batch_size=values["batch_size"],
+            max_rationale_tokens=values["max_rationale_tokens"], max_length=values["max_length"],
+        )
+    except LabelError as e:
+        print(f"treg label: {e}", file=sys.stderr)
+        return 2
+    report.update(model=name, dataset=values["dataset"])
+    out_dir = values["output_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    final = os.path.join(out_dir, "labeled" if values["output_format"] == "disk" else "labeled.jsonl")
+    tmp = tempfile.mkdtemp(prefix=".tmp-label-", dir=out_dir)
+    try:  # atomic: write into a temp dir, then rename into place
+        if values["output_format"] == "disk":
+            labeled.save_to_disk(os.path.join(tmp, "labeled"))
+        else:
+            labeled.to_json(os.path.join(tmp, "labeled.jsonl"), lines=True, force_ascii=False)
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        old = None
+        if os.path.exists(final):
+            old = tempfile.mkdtemp(prefix=".old-label-", dir=out_dir)
+            os.rename(final, os.path.join(old, "x"))
+        os.rename(os.path.join(tmp, os.path.basename(final)), final)
+        os.replace(os.path.join(tmp, "report.json"), os.path.join(out_dir, "report.json"))
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+    print(f"labeled {report['n_pairs']} pairs -> {final}")
+    return 0
+
+
+def cmd_pairs(argv: list[str]) -> int:
+    """On-policy preference pairs: sample N answers per prompt, score them, keep best and worst."""
+    from treg.feedback.onpolicy import main as pairs_main
+
+    return pairs_main(argv)
+
+
+def cmd_reward_model(argv: list[str]) -> int:
+    """Distilled RLAIF: train a reward model on soft AI labels."""
+    from treg.feedback.reward_model import main as rm_main
+
+    return rm_main(argv)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "rewards": cmd_rewards,
+    "label": cmd_label,
+    "pairs": cmd_pairs,
+    "reward-model": cmd_reward_model,
+    "quickstart": cmd_quickstart,
+    "viz": cmd_viz,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

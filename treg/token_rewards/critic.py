@@ -1,0 +1,498 @@
+"""RELC-style critic token rewards (Cao et al. 2024, arXiv 2401.07382; METHOD.md §3).
+
+A critic LLM reads a task description, few-shot examples, the prompt, the response and optionally its extrinsic
+score, and names the spans of the response that are good or bad. Every response token that overlaps a named span
+gets a constant intrinsic reward: ``good_value`` (> 0) for GOOD spans, ``bad_value`` (< 0) for BAD spans, 0 elsewhere.
+Here those values are T-REG's r̂ (the extrinsic, sequence-level signal of RELC is the preference label itself, carried
+by the DPO/SimPO loss), so they must lie in (−0.5, 0.5).
+
+**Output format (choice).** One span per line, the label, an optional 1-based occurrence index, and the exact text::
+
+    BAD: "Sydney"
+    GOOD: "The capital of Australia is"
+    BAD#2: "1"          <- only the 2nd occurrence of "1" in the response
+    NONE                <- nothing to mark (a valid answer: all-zero rewards, not a failure)
+
+The parser (:func:`parse_critic_output`) accepts labels in any case, leading bullets (``-``, ``*``, ``•``, ``1.``,
+``2)``), extra whitespace, and straight, curly or back quotes (or none) around the span. Blank lines are ignored; any
+other line is *unparsed* and counted.
+
+**Mapping rules (choice).** Spans are matched *exactly* (case and whitespace) against the response text; a span that
+is not in the response is dropped and counted as missing, never guessed. Without an occurrence index every
+non-overlapping occurrence (scanned left to right) is marked; with ``#k`` only the k-th (a k beyond the count is
+missing). Character ranges map to tokens through the tokenizer's offsets of the response tokenized alone; a token
+gets the value if it overlaps the span by at least one character (so a BPE token that straddles a span edge is
+marked). Where a GOOD and a BAD span cover the same token, BAD wins. The response's tokens are located inside the
+trainer's ``chosen_ids`` / ``rejected_ids`` (the response followed by the chat template's end-of-turn tokens) as a
+contiguous run; tokens outside it (end of turn) get 0. If the run is not found the row is an error.
+
+**Failures.** A critic answer that is None, blank, or has no parseable line (and is not ``NONE``) is a failure: that
+response gets all-zero rewards and is counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from datasets import Dataset, concatenate_datasets
+
+from treg.token_rewards import (
+    CHOSEN_REWARDS,
+    REJECTED_REWARDS,
+    TOKEN_REWARD_COLUMNS,
+    TokenRewardError,
+    check_token_columns,
+    kept_completion_length,
+)
+from treg.token_rewards import cache as cache_lib
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = "critic-v1"
+GOOD, BAD = "GOOD", "BAD"
+DEFAULT_GOOD_VALUE = 0.25
+DEFAULT_BAD_VALUE = -0.25
+
+Critic = Callable[[list[str]], list["str | None"]]
+
+
+class Span(NamedTuple):
+    label: str  # "GOOD" or "BAD"
+    text: str  # exact text of the response
+    occurrence: int | None = None  # 1-based; None marks every occurrence
+
+
+DEFAULT_TASK_DESCRIPTION = (
+    "You are a careful critic. Read the prompt and the response. Name the parts of the response that are clearly "
+    "good (correct, helpful) and the parts that are clearly bad (wrong, unhelpful, irrelevant). Write one span per "
+    'line as GOOD: "<exact text>" or BAD: "<exact text>", copying the text exactly from the response. To mark only '
+    'the k-th occurrence of a repeated text write BAD#k: "<text>". Write NONE if nothing stands out. Write nothing '
+    "else."
+)
+
+DEFAULT_FEW_SHOT: tuple[dict, ...] = (
+    {
+        "prompt": "What is the capital of Australia?",
+        "response": "The capital of Australia is Sydney, its largest city.",
+        "score": 0.1,
+        "spans": [Span(BAD, "Sydney"), Span(GOOD, "The capital of Australia is")],
+    },
+    {
+        "prompt": "Add 2 to every number: 1 5 1",
+        "response": "3 7 1",
+        "score": 0.67,
+        "spans": [Span(GOOD, "3 7"), Span(BAD, "1", 2)],
+    },
+)
+
+
+# ---------------------------------------------------------------------------------------------------- the prompt
+def format_critic_answer(spans: Sequence) -> str:
+    """The critic's answer in the output format: one ``LABEL[#k]: "text"`` line per span, or ``NONE``."""
+    lines = []
+    for s in spans:
+        s = Span(*s)
+        tag = s.label if s.occurrence is None else f"{s.label}#{s.occurrence}"
+        lines.append(f'{tag}: "{s.text}"')
+    return "\n".join(lines) if lines else "NONE"
+
+
+def _section(prompt: str, response: str, score: float | None) -> str:
+    text = f"### Prompt\n{prompt}\n\n### Response\n{response}\n\n"
+    if score is not None:
+        text += f"### Score\n{score:g}\n\n"
+    return text + "### Critique\n"
+
+
+def build_critic_prompt(
+    prompt: str,
+    response: str,
+    score: float | None = None,
+    *,
+    task_description: str = DEFAULT_TASK_DESCRIPTION,
+    few_shot: Sequence[dict] = DEFAULT_FEW_SHOT,
+) -> str:
+    """The critic's input: task description, few-shot examples (each with its answer), then the query, ending with
+    ``### Critique`` for the critic to continue. A ``score`` (the extrinsic reward) is shown when given."""
+    parts = [task_description.strip(), ""]
+    for i, ex in enumerate(few_shot, 1):
+        parts.append(f"## Example {i}\n" + _section(ex["prompt"], ex["response"], ex.get("score"))
+                     + format_critic_answer(ex["spans"]) + "\n")
+    parts.append("## Your turn\n" + _section(prompt, response, score))
+    return "\n".join(parts)
+
+
+_QUERY_RE = re.compile(
+    r"## Your turn\n### Prompt\n(.*)\n\n### Response\n(.*?)\n\n(?:### Score\n[^\n]*\n\n)?### Critique\n$", re.S
+)
+
+
+def split_critic_prompt(critic_prompt: str) -> tuple[str, str]:
+    """(prompt, response) of the query in a prompt built by :func:`build_critic_prompt` (for rule critics)."""
+    m = _QUERY_RE.search(critic_prompt)
+    if m is None:
+        raise ValueError("not a prompt built by build_critic_prompt")
+    return m.group(1), m.group(2)
+
+
+# ---------------------------------------------------------------------------------------------------- the parser
+_BULLET_RE = re.compile(r"^\s*(?:[-*•+]|\d+[.)])\s+")
+_LINE_RE = re.compile(r"^(GOOD|BAD)\s*(?:#\s*(\d+))?\s*[:=\-]\s*(.*?)\s*$", re.I)
+_QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "`": "`", "«": "»", "”": "”"}
+
+
+def parse_critic_output(text: str | None) -> tuple[list[Span], int]:
+    """Parse a critic answer into spans. Returns (spans, number of non-blank lines that are neither a span nor NONE).
+
+    Accepts ``GOOD: "x"``, ``bad : 'x'``, ``- BAD#2: “x”``, ``1. GOOD: x`` (unquoted: the rest of the line, stripped).
+    """
+    if text is None:
+        return [], 0
+    spans, unparsed = [], 0
+    for raw in text.splitlines():
+        line = _BULLET_RE.sub("", raw.strip()).strip().strip("*").strip()  # also markdown bold **BAD**
+        if not line:
+            continue
+        if line.upper().rstrip(".") == "NONE":
+            continue
+        m = _LINE_RE.match(line)
+        if m is None:
+            unparsed += 1
+            continue
+        label, occurrence, body = m.group(1).upper(), m.group(2), m.group(3)
+        if len(body) >= 2 and body[0] in _QUOTES and body.endswith(_QUOTES[body[0]]):
+            body = body[1:-1]
+        if not body or (occurrence is not None and int(occurrence) < 1):
+            unparsed += 1
+            continue
+        spans.append(Span(label, body, int(occurrence) if occurrence is not None else None))
+    return spans, unparsed
+
+
+def is_failure(text: str | None) -> bool:
+    """None, blank, or nothing parseable (``NONE`` alone is a valid, empty answer)."""
+    if text is None or not text.strip():
+        return True
+    spans, unparsed = parse_critic_output(text)
+    return not spans and unparsed > 0
+
+
+# --------------------------------------------------------------------------------------------------- the mapping
+def check_values(good_value: float, bad_value: float) -> None:
+    if not 0.0 <= good_value < 0.5:
+        raise ValueError(f"critic good_value must lie in [0, 0.5) (r̂ lies in (-0.5, 0.5)); got {good_value}.")
+    if not -0.5 < bad_value <= 0.0:
+        raise ValueError(f"critic bad_value must lie in (-0.5, 0]; got {bad_value}.")
+
+
+def find_occurrences(text: str, span: str) -> list[int]:
+    """Start offsets of the non-overlapping occurrences of ``span`` in ``text``, left to right."""
+    out, start = [], 0
+    while span:
+        i = text.find(span, start)
+        if i < 0:
+            break
+        out.append(i)
+        start = i + len(span)
+    return out
+
+
+def _find_run(haystack: Sequence[int], needle: Sequence[int]) -> int:
+    n = len(needle)
+    for i in range(len(haystack) - n + 1):
+        if list(haystack[i : i + n]) == list(needle):
+            return i
+    return -1
+
+
+def map_spans_to_tokens(
+    tokenizer,
+    response_text: str,
+    completion_ids: Sequence[int],
+    spans: Sequence,
+    good_value: float = DEFAULT_GOOD_VALUE,
+    bad_value: float = DEFAULT_BAD_VALUE,
+    *,
+    row: str = "?",
+) -> tuple[list[float], dict[str, int]]:
+    """One value per completion token: ``bad_value`` on tokens overlapping a BAD span, else ``good_value`` on tokens
+    overlapping a GOOD span, else 0. ``spans`` are :class:`Span` or ``(label, text[, occurrence])`` tuples.
+
+    Returns (values, stats) with stats ``spans``, ``found``, ``missing``, ``good_tokens``, ``bad_tokens``. Raises
+    :class:`TokenRewardError` naming ``row`` when the response's tokens are not a contiguous run of ``completion_ids``.
+    """
+    check_values(good_value, bad_value)
+    offset_text, shift = response_text, 0
+    enc = tokenizer(offset_text, add_special_tokens=False, return_offsets_mapping=True)
+    start = _find_run(completion_ids, enc["input_ids"]) if enc["input_ids"] else 0
+    if start < 0 and response_text.strip() != response_text:  # a chat template that strips the content
+        offset_text = response_text.strip()
+        shift = response_text.index(offset_text)
+        enc = tokenizer(offset_text, add_special_tokens=False, return_offsets_mapping=True)
+        start = _find_run(completion_ids, enc["input_ids"]) if enc["input_ids"] else 0
+    if start < 0:
+        raise TokenRewardError(
+            f"row {row}: the response's tokens ({len(enc['input_ids'])}) are not a contiguous run of the trainer's "
+            f"{len(completion_ids)} completion ids, so critic spans cannot be placed. The tokenizer or chat template "
+            "changes the response's tokenization in context (e.g. a SentencePiece prefix space)."
+        )
+    offsets = [(a + shift, b + shift) for a, b in enc["offset_mapping"]]
+    is_good, is_bad = [False] * len(offsets), [False] * len(offsets)
+    stats = {"spans": 0, "found": 0, "missing": 0}
+    for s in spans:
+        s = Span(*s)
+        stats["spans"] += 1
+        occ = find_occurrences(response_text, s.text)
+        if s.occurrence is not None:
+            occ = occ[s.occurrence - 1 : s.occurrence]
+        if not occ:
+            stats["missing"] += 1
+            continue
+        stats["found"] += 1
+        marks = is_bad if s.label == BAD else is_good
+        for begin in occ:
+            end = begin + len(s.text)
+            for t, (a, b) in enumerate(offsets):
+                if a < end and begin < b:
+                    marks[t] = True
+    values = [0.0] * len(completion_ids)
+    for t in range(len(offsets)):
+        values[start + t] = bad_value if is_bad[t] else good_value if is_good[t] else 0.0
+    stats["bad_tokens"] = sum(is_bad)
+    stats["good_tokens"] = sum(g and not b for g, b in zip(is_good, is_bad))
+    return values, stats
+
+
+# ------------------------------------------------------------------------------------------------------- critics
+class HFCritic:
+    """A causal LM as critic: each critic prompt is sent as one user turn through the chat template (plain text when
+    the tokenizer has none) and answered greedily. Prompts longer than the model's context minus
+    ``max_new_tokens`` are not sent; their answer is None (a counted failure)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 256, batch_size: int = 8, show_progress: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.batch_size, self.show_progress = max_new_tokens, batch_size, show_progress
+
+    def _as_prompt(self, text: str):
+        if getattr(self.tokenizer, "chat_template", None):
+            return [{"role": "user", "content": text}]
+        return text
+
+    def __call__(self, prompts: list[str]) -> list[str | None]:
+        from treg.evaluation.generate import generate, render_prompt
+
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        out: list[str | None] = [None] * len(prompts)
+        keep = []
+        for i, p in enumerate(prompts):
+            n = len(render_prompt(self.tokenizer, self._as_prompt(p)))
+            if limit is None or n + self.max_new_tokens <= limit:
+                keep.append(i)
+            else:
+                logger.warning("critic prompt %d has %d tokens; with %d new tokens it exceeds the context of %d",
+                               i, n, self.max_new_tokens, limit)
+        if keep:
+            texts = generate(self.model, self.tokenizer, [self._as_prompt(prompts[i]) for i in keep],
+                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                             show_progress=self.show_progress, desc="Critic")
+            for i, t in zip(keep, texts):
+                out[i] = t[0]
+        return out
+
+
+class RuleCritic:
+    """A deterministic critic for the toy task of :mod:`treg.synthetic`: :func:`treg.synthetic.oracle` finds the
+    defect words; runs of defect words become BAD spans and runs of correct words GOOD spans, each with its
+    occurrence index, written in the critic output format (so the text → parse → map path is the real one).
+    Prompts it cannot read (not built by :func:`build_critic_prompt`, or not a toy task) get None."""
+
+    critic_id = "rule:toy-v1"
+
+    def __init__(self, good: bool = True):
+        self.good = good
+
+    def answer(self, prompt: str, response: str) -> str | None:
+        from treg.synthetic import oracle
+
+        try:
+            _, flags = oracle(prompt.strip(), response)
+        except ValueError:
+            return None
+        words, pos = [], 0
+        for w in response.split():
+            begin = response.index(w, pos)
+            words.append((begin, begin + len(w)))
+            pos = begin + len(w)
+        spans, i = [], 0
+        while i < len(words):
+            j = i
+            while j + 1 < len(words) and flags[j + 1] == flags[i]:
+                j += 1
+            if flags[i] or self.good:
+                label = BAD if flags[i] else GOOD
+                pieces = [(words[i][0], words[j][1])]
+                if words[i][0] not in find_occurrences(response, response[words[i][0] : words[j][1]]):
+                    pieces = words[i : j + 1]  # e.g. "1 1" at 2 in "1 1 1": address each word on its own
+                for begin, end in pieces:
+                    occ = find_occurrences(response, response[begin:end])
+                    index = occ.index(begin) + 1 if len(occ) > 1 else None
+                    spans.append(Span(label, response[begin:end], index))
+            i = j + 1
+        return format_critic_answer(spans)
+
+    def __call__(self, prompts: list[str]) -> list[str | None]:
+        out = []
+        for p in prompts:
+            try:
+                prompt, response = split_critic_prompt(p)
+            except ValueError:
+                out.append(None)
+                continue
+            out.append(self.answer(prompt, response))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- dataset columns
+def _text(value, tokenizer, field: str, row: int) -> str:
+    if isinstance(value, str):
+        eos = getattr(tokenizer, "eos_token", None)
+        if field != "prompt" and eos and value.endswith(eos):  # TRL appends the EOS text to plain completions
+            value = value[: -len(eos)]
+        return value
+    messages = list(value)
+    if field == "prompt":
+        if len(messages) == 1:
+            return messages[0]["content"]
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    if len(messages) != 1:
+        raise TokenRewardError(f"row {row}, field {field!r}: critic rewards need one completion message, "
+                               f"got {len(messages)}.")
+    return messages[0]["content"]
+
+
+def attach_critic_rewards(
+    dataset: Dataset,
+    critic: Critic,
+    tokenizer,
+    *,
+    critic_id: str,
+    max_length: int | None,
+    task_description: str = DEFAULT_TASK_DESCRIPTION,
+    few_shot: Sequence[dict] = DEFAULT_FEW_SHOT,
+    use_extrinsic: bool = True,
+    good_value: float = DEFAULT_GOOD_VALUE,
+    bad_value: float = DEFAULT_BAD_VALUE,
+    batch_size: int = 64,
+    cache_dir: str | None = None,
+    show_progress: bool = True,
+    main_process_first=None,
+    return_stats: bool = False,
+):
+    """Add ``chosen_token_rewards`` / ``rejected_token_rewards`` from a critic to a tokenized dataset (``prompt``,
+    ``chosen``, ``rejected`` and their ``*_ids``), from the cache when an entry for these inputs exists.
+
+    Args:
+        critic: ``critic(list of critic prompts) -> list of answers`` (None = failure), e.g. :class:`HFCritic`,
+            :class:`RuleCritic`.
+        critic_id: identifies the critic (model and weights, or rule version); part of the cache key.
+        max_length: the trainer's ``max_length``; values are kept for the kept completion tokens only.
+        task_description, few_shot: the critic prompt (see :func:`build_critic_prompt`).
+        use_extrinsic: show the row's ``score_chosen`` / ``score_rejected`` to the critic when the dataset has them.
+        good_value, bad_value: r̂ on tokens of GOOD / BAD spans, in [0, 0.5) and (−0.5, 0].
+        batch_size: critic prompts per critic call (progress is logged per call).
+        cache_dir: cache root (default ``$TREG_CACHE_DIR`` or ``~/.cache/treg``); ``"none"`` disables it.
+
+    Returns the dataset, or (dataset, stats) with ``return_stats``; stats are also logged.
+    """
+    check_values(good_value, bad_value)
+    n = len(dataset)
+    prompts = [_text(p, tokenizer, "prompt", r) for r, p in enumerate(dataset["prompt"])]
+    responses, scores = {}, {}
+    for side in ("chosen", "rejected"):
+        responses[side] = [_text(v, tokenizer, side, r) for r, v in enumerate(dataset[side])]
+        col = f"score_{side}"
+        scores[side] = list(dataset[col]) if use_extrinsic and col in dataset.column_names else [None] * n
+    few_shot = [dict(ex, spans=[Span(*s) for s in ex["spans"]]) for ex in few_shot]
+    settings = {
+        "version": CACHE_VERSION,
+        "critic": critic_id,
+        "task_description": task_description,
+        "few_shot": json.loads(json.dumps(few_shot, default=str)),
+        "good_value": good_value,
+        "bad_value": bad_value,
+        "use_extrinsic": use_extrinsic,
+        "max_length": max_length,
+        "tokenizer": type(tokenizer).__name__,
+        "vocab": len(tokenizer),
+        "texts": [prompts, responses["chosen"], responses["rejected"], scores["chosen"], scores["rejected"]],
+    }
+    key = cache_lib.fingerprint(settings, [dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]])
+
+    def compute() -> dict[str, list]:
+        critic_prompts = [
+            build_critic_prompt(prompts[r], responses[side][r], scores[side][r], task_description=task_description,
+                                few_shot=few_shot)
+            for side in ("chosen", "rejected") for r in range(n)
+        ]
+        answers: list[str | None] = []
+        for start in range(0, len(critic_prompts), batch_size):
+            got = list(critic(critic_prompts[start : start + batch_size]))
+            if len(got) != len(critic_prompts[start : start + batch_size]):
+                raise ValueError(f"the critic returned {len(got)} answers for {min(batch_size, 2 * n - start)} prompts")
+            answers += got
+            if show_progress:
+                logger.info("critic: %d/%d responses", len(answers), len(critic_prompts))
+        columns: dict[str, list] = {}
+        for s, (side, col) in enumerate((("chosen", CHOSEN_REWARDS), ("rejected", REJECTED_REWARDS))):
+            values, stat_rows = [], {k: [] for k in ("failed", "unparsed", "spans", "found", "missing")}
+            for r, (prompt_ids, ids) in enumerate(zip(dataset["prompt_ids"], dataset[f"{side}_ids"])):
+                answer = answers[s * n + r]
+                kept = kept_completion_length(len(prompt_ids), len(ids), max_length)
+                spans, unparsed = parse_critic_output(answer)
+                failed = is_failure(answer)
+                if failed:
+                    row_values, st = [0.0] * len(ids), {"spans": 0, "found": 0, "missing": 0}
+                else:
+                    row_values, st = map_spans_to_tokens(tokenizer, responses[side][r], ids, spans, good_value,
+                                                         bad_value, row=f"{r} ({side})")
+                values.append(row_values[:kept])
+                for k, v in (("failed", int(failed)), ("unparsed", unparsed), ("spans", st["spans"]),
+                             ("found", st["found"]), ("missing", st["missing"])):
+                    stat_rows[k].append(v)
+            columns[col] = values
+            columns[f"critic_{side}_output"] = [a if a is not None else "" for a in answers[s * n : (s + 1) * n]]
+            for k, v in stat_rows.items():
+                columns[f"critic_{side}_{k}"] = v
+        return columns
+
+    if cache_dir is not None and str(cache_dir).lower() == "none":
+        columns = Dataset.from_dict(compute())
+    else:
+        path = os.path.join(cache_dir or cache_lib.default_cache_dir(), "token_rewards", f"{CACHE_VERSION}-{key[:24]}")
+        guard = main_process_first() if main_process_first is not None else contextlib.nullcontext()
+        with guard:
+            columns = cache_lib.load(path)
+            if columns is None:
+                columns = cache_lib.save_atomic(compute(), path)
+                logger.info("Critic token rewards cached at %s", path)
+            else:
+                logger.info("Critic token rewards loaded from cache %s", path)
+    if len(columns) != n:
+        raise ValueError(f"critic cache holds {len(columns)} rows for a dataset of {n}; delete it.")
+    stats = {
+        k: sum(sum(columns[f"critic_{side}_{k}"]) for side in ("chosen", "rejected"))
+        for k in ("failed", "unparsed", "spans", "found", "missing")
+    }
+    stats["responses"] = 2 * n
+    logger.info("critic token rewards (%s): %s", critic_id, stats)
+    rewards = columns.select_columns([CHOSEN_REWARDS, REJECTED_REWARDS])
+    dataset = dataset.remove_columns([c for c in rewards.column_names if c in dataset.column_names])
+    dataset = concatenate_datasets([dataset, rewards], axis=1)
+    check_token_columns(dataset, max_length, TOKEN_REWARD_COLUMNS)
+    return (dataset, stats) if return_stats else dataset
