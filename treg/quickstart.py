@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import torch
+from transformers import PrinterCallback, TrainerCallback
 
 from treg.scoring import score_completions
 from treg.synthetic import (
@@ -36,6 +37,16 @@ def _implicit_token_rewards(trainer, dataset) -> list[np.ndarray]:
         )
         out += [trainer.args.beta * (p - np.asarray(r)) for p, r in zip(policy, dataset[ref_col])]
     return out
+
+
+class _CompactLog(TrainerCallback):
+    """One short line per training log instead of the raw metrics dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            print(f"      step {state.global_step:>3}/{state.max_steps}  loss {float(logs['loss']):.4f}  "
+                  f"reward acc {float(logs.get('rewards/accuracies', float('nan'))):.3f}  "
+                  f"r̂ sign agreement {float(logs.get('treg/token_agreement', float('nan'))):.3f}")
 
 
 def _render_sample(tokenizer, dataset, flags) -> str:
@@ -90,6 +101,8 @@ def run(output_dir: str = "treg-quickstart", train_prompts: int = 512, epochs: f
     )
     print("[3/6] token rewards r̂ by contrastive prompting + per-token reference log-probs ...")
     trainer = TRegTrainer(model, args=config, train_dataset=train, eval_dataset=eval_, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_CompactLog())
     eval_ds = trainer.eval_dataset
     flags = token_defects(tokenizer, eval_ds, "chosen") + token_defects(tokenizer, eval_ds, "rejected")
     reward_auc = defect_auc(list(eval_ds[CHOSEN_REWARDS]) + list(eval_ds[REJECTED_REWARDS]), flags)
