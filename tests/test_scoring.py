@@ -104,3 +104,18 @@ def test_restores_training_mode(tiny, items, training):
         assert model.training is training
     finally:
         model.eval()
+
+
+def test_next_token_logprobs_match_score_completions(tiny):
+    """One forward per context reads the same log-probs that scoring each candidate as a completion gives."""
+    from treg.scoring import next_token_logprobs
+
+    model, tokenizer, _ = tiny
+    contexts = [tokenizer("copy: 1 2", add_special_tokens=False)["input_ids"],
+                tokenizer("sort: 9 1 5 3 2 =>", add_special_tokens=False)["input_ids"]]
+    candidates = [tokenizer(d, add_special_tokens=False)["input_ids"][0] for d in ("1", " 2", " 9")]
+    got = next_token_logprobs(model, contexts, candidates, batch_size=2, show_progress=False)
+    want = score_completions(model, [(c, [t]) for c in contexts for t in candidates], batch_size=1,
+                             show_progress=False)
+    np.testing.assert_allclose(got.reshape(-1), np.concatenate(want), atol=1e-5)
+    assert got.shape == (2, 3)

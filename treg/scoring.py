@@ -116,3 +116,57 @@ def score_completions(
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def next_token_logprobs(
+    model,
+    contexts: Sequence[Sequence[int]],
+    token_ids: Sequence[int],
+    *,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+    desc: str = "Next-token log-probs",
+    show_progress: bool = True,
+) -> np.ndarray:
+    """log p(t | context) for every context and every ``t`` in ``token_ids``; float32 ``[N contexts, len(token_ids)]``.
+
+    One forward per context that projects only its last position through the LM head, so reading k candidate tokens
+    costs one sequence instead of the k that :func:`score_completions` would need (label tokens, score digits).
+    """
+    items = [(ctx[:-1], ctx[-1:]) for ctx in contexts]  # the last context token is the "completion" slot
+    for i, ctx in enumerate(contexts):
+        if len(ctx) == 0:
+            raise ValueError(f"context {i} is empty; a next-token distribution needs at least one token.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    columns = torch.tensor(list(token_ids), dtype=torch.long)
+    out = np.zeros((len(contexts), len(columns)), dtype=np.float32)
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]), reverse=True)
+    disable = (not show_progress) or bool(os.environ.get("TQDM_DISABLE"))
+    try:
+        with tqdm(total=len(contexts), desc=desc, unit="seq", disable=disable) as bar:
+            for batch in _batches(order, items, batch_size, None):
+                seqs = [list(contexts[i]) for i in batch]
+                width = max(len(s) for s in seqs)
+                input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for r, s in enumerate(seqs):  # [B, width], each row right-aligned so its last token is at -1
+                    input_ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+                    attention_mask[r, width - len(s) :] = 1
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                kwargs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                              position_ids=position_ids.to(device), use_cache=False)
+                try:
+                    logits = model(**kwargs, logits_to_keep=1).logits[:, -1].float()  # [B, V]
+                except TypeError:  # architectures without logits_to_keep
+                    logits = model(**kwargs).logits[:, -1].float()
+                logps = logits.log_softmax(-1)[:, columns.to(logits.device)]  # [B, len(token_ids)]
+                out[batch] = logps.cpu().numpy()
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return out

@@ -6,8 +6,10 @@ the judge's answer after the ending *is exactly* i — renormalise over the ten 
 
     s = Σ_i i · P(i)  ∈ [1, 10],        normalised  (s − 1)/9 · 2 − 1  ∈ [−1, 1].
 
-Multi-token scores. The probability of a score string is the product of its token probabilities after the ending,
-computed with :func:`treg.scoring.score_completions` on ``(context ids, score token ids)``. Each score has two
+Multi-token scores. The probability of a score string is the product of its token probabilities after the ending.
+Single-token spellings are all read from one next-token distribution per judged pair
+(:func:`treg.scoring.next_token_logprobs`); multi-token ones (e.g. "10") are scored as sequences with
+:func:`treg.scoring.score_completions`. Each score has two
 spellings, with and without a leading space (``"7"`` and ``" 7"``; tokenizers spell the digit after ``"Score:"``
 either way), whose probabilities are added. The token ids of a spelling are those that ``ending + spelling``
 tokenizes to after the ending's own ids, so merges across the boundary are respected.
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from treg.scoring import score_completions
+from treg.scoring import next_token_logprobs, score_completions
 
 DIRECT_TEMPLATE = (
     "You are grading an assistant's answer. Read the request and the answer, then rate the answer on a scale "
@@ -144,15 +146,28 @@ def direct_score_details(
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses.")
     candidates = candidate_ids(tokenizer, ending)
-    items = []
-    for prompt, response in zip(prompts, responses):
-        ctx = judge_context(tokenizer, prompt, response, template, ending)
-        items.extend((ctx, ids) for _, ids in candidates)
+    contexts = [judge_context(tokenizer, p, r, template, ending) for p, r in zip(prompts, responses)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    logps = score_completions(
-        model, items, batch_size=batch_size * len(candidates), pad_token_id=pad, desc="Direct AI scores",
-        show_progress=show_progress,
+    # Single-token candidates all come from one next-token distribution per context; only multi-token spellings
+    # (e.g. "10" = "1" + "0") need their own scored sequence.
+    single = [k for k, (_, ids) in enumerate(candidates) if len(ids) == 1]
+    multi = [k for k, (_, ids) in enumerate(candidates) if len(ids) > 1]
+    first = next_token_logprobs(
+        model, contexts, [candidates[k][1][0] for k in single], batch_size=batch_size, pad_token_id=pad,
+        desc="Direct AI scores", show_progress=show_progress,
     )
+    longer = score_completions(
+        model, [(ctx, candidates[k][1]) for ctx in contexts for k in multi], batch_size=batch_size * max(1, len(multi)),
+        pad_token_id=pad, show_progress=False,
+    )
+    logps: list[np.ndarray] = []
+    for r in range(len(contexts)):
+        row: list[np.ndarray | None] = [None] * len(candidates)
+        for j, k in enumerate(single):
+            row[k] = first[r, j : j + 1]
+        for j, k in enumerate(multi):
+            row[k] = longer[r * len(multi) + j]
+        logps.extend(row)  # type: ignore[arg-type]
     out = []
     values = np.asarray(SCORES, dtype=np.float64)
     for r in range(len(prompts)):

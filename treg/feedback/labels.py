@@ -199,7 +199,7 @@ def label_pairs(
     with chain of thought ``rationale_a`` / ``rationale_b``. ``max_length`` defaults to the smaller of the model's
     ``max_position_embeddings`` and the tokenizer's ``model_max_length``.
     """
-    from treg.scoring import score_completions
+    from treg.scoring import next_token_logprobs
 
     template = get_template(task)
     rows = [_check_row(i, r) for i, r in enumerate(rows)]
@@ -240,10 +240,10 @@ def label_pairs(
     else:
         prompts = [ids + builder.ending for _, _, ids, _ in jobs]
 
-    items = [(p, [lid]) for p in prompts for lid in label_ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    logps = score_completions(
-        model, items, batch_size=batch_size, pad_token_id=pad, desc="Labeling", show_progress=show_progress
+    label_logps = next_token_logprobs(  # [len(prompts), 2]: ℓ1, ℓ2 from one forward per prompt
+        model, prompts, label_ids, batch_size=batch_size, pad_token_id=pad, desc="Labeling",
+        show_progress=show_progress,
     )
 
     records: list[dict[str, Any]] = [
@@ -251,7 +251,7 @@ def label_pairs(
         for _ in rows
     ]
     for j, (i, order, _, cut) in enumerate(jobs):
-        l1, l2 = float(logps[2 * j][0]), float(logps[2 * j + 1][0])
+        l1, l2 = float(label_logps[j, 0]), float(label_logps[j, 1])
         if not (math.isfinite(l1) and math.isfinite(l2)):
             raise LabelError(f"pair {i}, order {order.upper()}: non-finite label log-probs ({l1}, {l2}).")
         p_label1 = preference_probs(l1, l2)
