@@ -3,8 +3,10 @@ atomically (a temporary directory renamed into place), so an interrupted pass ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from datasets import Dataset
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> str:
@@ -53,3 +57,22 @@ def save_atomic(columns: dict[str, list], path: str) -> Dataset:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return Dataset.load_from_disk(path)
+
+
+def load_or_compute(compute, *, cache_dir: str | None, entry: str, what: str, main_process_first=None) -> Dataset:
+    """The cached columns of ``entry`` under ``<cache_dir>/token_rewards/``, computed by ``compute()`` and saved
+    atomically when absent. ``cache_dir="none"`` disables the cache; ``main_process_first`` (a context-manager
+    factory such as ``accelerator.main_process_first``) lets one process compute while the others wait and read.
+    ``what`` names the values in the log lines."""
+    if cache_dir is not None and str(cache_dir).lower() == "none":
+        return Dataset.from_dict(compute())
+    path = os.path.join(cache_dir or default_cache_dir(), "token_rewards", entry)
+    guard = main_process_first() if main_process_first is not None else contextlib.nullcontext()
+    with guard:
+        columns = load(path)
+        if columns is None:
+            columns = save_atomic(compute(), path)
+            logger.info("%s cached at %s", what, path)
+        else:
+            logger.info("%s loaded from cache %s", what, path)
+    return columns

@@ -18,10 +18,8 @@ passes score identical tokens.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 
 import numpy as np
 from datasets import Dataset, concatenate_datasets
@@ -194,18 +192,10 @@ def attach_contrastive_rewards(
             show_progress=show_progress,
         )
 
-    if cache_dir is not None and str(cache_dir).lower() == "none":
-        columns = Dataset.from_dict(compute())
-    else:
-        path = os.path.join(cache_dir or cache_lib.default_cache_dir(), "token_rewards", f"{CACHE_VERSION}-{key[:24]}")
-        guard = main_process_first() if main_process_first is not None else contextlib.nullcontext()
-        with guard:
-            columns = cache_lib.load(path)
-            if columns is None:
-                columns = cache_lib.save_atomic(compute(), path)
-                logger.info("Token rewards cached at %s", path)
-            else:
-                logger.info("Token rewards loaded from cache %s", path)
+    columns = cache_lib.load_or_compute(
+        compute, cache_dir=cache_dir, entry=f"{CACHE_VERSION}-{key[:24]}", what="Token rewards",
+        main_process_first=main_process_first,
+    )
     if len(columns) != len(dataset):
         raise ValueError(f"token-reward cache holds {len(columns)} rows for a dataset of {len(dataset)}; delete it.")
     dataset = dataset.remove_columns([c for c in columns.column_names if c in dataset.column_names])

@@ -32,10 +32,8 @@ response gets all-zero rewards and is counted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -471,18 +469,10 @@ def attach_critic_rewards(
                 columns[f"critic_{side}_{k}"] = v
         return columns
 
-    if cache_dir is not None and str(cache_dir).lower() == "none":
-        columns = Dataset.from_dict(compute())
-    else:
-        path = os.path.join(cache_dir or cache_lib.default_cache_dir(), "token_rewards", f"{CACHE_VERSION}-{key[:24]}")
-        guard = main_process_first() if main_process_first is not None else contextlib.nullcontext()
-        with guard:
-            columns = cache_lib.load(path)
-            if columns is None:
-                columns = cache_lib.save_atomic(compute(), path)
-                logger.info("Critic token rewards cached at %s", path)
-            else:
-                logger.info("Critic token rewards loaded from cache %s", path)
+    columns = cache_lib.load_or_compute(
+        compute, cache_dir=cache_dir, entry=f"{CACHE_VERSION}-{key[:24]}", what="Critic token rewards",
+        main_process_first=main_process_first,
+    )
     if len(columns) != n:
         raise ValueError(f"critic cache holds {len(columns)} rows for a dataset of {n}; delete it.")
     stats = {
