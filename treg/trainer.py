@@ -286,38 +286,28 @@ class TRegTrainer(DPOTrainer):
         else:
             model = self.ref_model or self.model
         args = self.args
-        contrastive = args.token_reward_source == "contrastive"
-        if need_rewards and args.token_reward_source == "critic":
-            if need_ref:  # reference log-probs only; r̂ comes from the critic
-                dataset = attach_contrastive_rewards(
-                    dataset,
-                    model,
-                    self._tokenizer,
-                    model_hash=self._precompute_model_hash,
-                    max_length=args.max_length,
-                    with_rewards=False,
-                    cache_dir=args.token_reward_cache_dir,
-                    batch_size=args.token_reward_batch_size,
-                    show_progress=not args.disable_tqdm and self.accelerator.is_main_process,
-                    main_process_first=self.accelerator.main_process_first,
-                )
-            return self._attach_critic_rewards(dataset, model)
-        dataset = attach_contrastive_rewards(
-            dataset,
-            model,
-            self._tokenizer,
-            model_hash=self._precompute_model_hash,
-            max_length=args.max_length,
-            with_rewards=need_rewards and contrastive,
-            positive_template=args.contrastive_positive_template,
-            negative_template=args.contrastive_negative_template,
-            cache_dir=args.token_reward_cache_dir,
-            batch_size=args.token_reward_batch_size,
-            show_progress=not args.disable_tqdm and self.accelerator.is_main_process,
-            main_process_first=self.accelerator.main_process_first,
-        )
-        if need_rewards and not contrastive:
+        source = args.token_reward_source if need_rewards else None
+        # The reference pass: per-token reference log-probs, plus r̂ when it is the contrastive source. DPO-derived
+        # r̂ is built from the reference log-probs, so it needs them even with a SimPO base; the critic does not.
+        if need_ref or source in ("contrastive", "dpo_derived"):
+            dataset = attach_contrastive_rewards(
+                dataset,
+                model,
+                self._tokenizer,
+                model_hash=self._precompute_model_hash,
+                max_length=args.max_length,
+                with_rewards=source == "contrastive",
+                positive_template=args.contrastive_positive_template,
+                negative_template=args.contrastive_negative_template,
+                cache_dir=args.token_reward_cache_dir,
+                batch_size=args.token_reward_batch_size,
+                show_progress=not args.disable_tqdm and self.accelerator.is_main_process,
+                main_process_first=self.accelerator.main_process_first,
+            )
+        if source == "dpo_derived":
             dataset = self._attach_dpo_derived_rewards(dataset, model)
+        elif source == "critic":
+            dataset = self._attach_critic_rewards(dataset, model)
         return dataset
 
     def _attach_dpo_derived_rewards(self, dataset: Dataset, ref_model) -> Dataset:
