@@ -355,38 +355,24 @@ def make_onpolicy_pairs(
     ``chosen_defects`` / ``rejected_defects`` (one flag per word) and ``chosen_score`` / ``rejected_score``.
     """
     from treg.evaluation.generate import generate
+    from treg.feedback.onpolicy import pairs_from_samples
 
     messages = [[{"role": "user", "content": p}] for p in prompts]
     samples = generate(
         model, tokenizer, messages, num_samples=num_samples, do_sample=True, temperature=temperature,
         max_new_tokens=24, batch_size=batch_size, seed=seed, show_progress=show_progress, desc="Sampling responses",
     )
-    rows, ties, empty = [], 0, 0
-    for prompt, texts in zip(prompts, samples):
-        scored = [(oracle(prompt, t.strip()), t.strip()) for t in texts if t.strip()]
-        if len(scored) < 2:
-            empty += 1
-            continue
-        (best_score, best_flags), best = max(scored, key=lambda s: s[0][0])
-        (worst_score, worst_flags), worst = min(scored, key=lambda s: s[0][0])
-        if best_score == worst_score:
-            ties += 1
-            continue
-        rows.append({
-            "prompt": [{"role": "user", "content": prompt}],
-            "chosen": [{"role": "assistant", "content": best}],
-            "rejected": [{"role": "assistant", "content": worst}],
-            "chosen_defects": best_flags,
-            "rejected_defects": worst_flags,
-            "chosen_score": best_score,
-            "rejected_score": worst_score,
-        })
+    rows, counts = pairs_from_samples(prompts, samples, lambda p, r: oracle(p, r)[0])
+    for row in rows:  # the oracle's per-word defect flags of the two kept responses
+        prompt = row["prompt"][0]["content"]
+        row["chosen_defects"] = oracle(prompt, row["chosen"][0]["content"])[1]
+        row["rejected_defects"] = oracle(prompt, row["rejected"][0]["content"])[1]
     all_scores = [oracle(p, t.strip())[0] for p, texts in zip(prompts, samples) for t in texts]
     stats = {
         "prompts": len(prompts),
         "pairs": len(rows),
-        "dropped_ties": ties,
-        "dropped_empty": empty,
+        "dropped_ties": counts["dropped_ties"],
+        "dropped_empty": counts["dropped_empty"],
         "sample_oracle_score": sum(all_scores) / max(len(all_scores), 1),
     }
     return Dataset.from_list(rows), stats
