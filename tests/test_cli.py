@@ -10,13 +10,28 @@ from treg.cli import RecipeError, check_recipe, main, parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-LABEL_RECIPES = [r for r in ALL_RECIPES if r.parent.name == "label"]  # `treg label` recipes (tests/test_labels.py)
-RECIPES = [r for r in ALL_RECIPES if r not in LABEL_RECIPES]  # training recipes
+
+
+def _command(recipe: Path) -> str:
+    """The treg command a recipe's header comment launches (`train`, `label`, `rl`)."""
+    import re
+
+    header = "".join(line for line in recipe.read_text().splitlines(True) if line.startswith("#"))
+    found = re.search(r"treg (train|label|rl) --config recipes/", header)
+    assert found, f"{recipe}: the header comment must show the launch command"
+    return found.group(1)
+
+
+LABEL_RECIPES = [r for r in ALL_RECIPES if _command(r) == "label"]  # `treg label` recipes (tests/test_labels.py)
+RL_RECIPES = [r for r in ALL_RECIPES if _command(r) == "rl"]  # `treg rl` recipes (tests/test_rl.py)
+RECIPES = [r for r in ALL_RECIPES if _command(r) == "train"]  # training recipes
 
 
 def test_recipes_are_found():
-    assert len(RECIPES) == 4, [str(r) for r in RECIPES]
+    names = {str(r.relative_to(ROOT / "recipes")) for r in RECIPES}
+    assert {"tiny/dpo.yaml", "tiny/treg-dpo.yaml", "tiny/treg-simpo.yaml", "tiny/treg-critic.yaml"} <= names
     assert len(LABEL_RECIPES) == 1, [str(r) for r in LABEL_RECIPES]
+    assert len(ALL_RECIPES) == len(RECIPES) + len(LABEL_RECIPES) + len(RL_RECIPES)
 
 
 @pytest.mark.parametrize("recipe", LABEL_RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))

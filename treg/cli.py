@@ -1,5 +1,5 @@
 """The ``treg`` command (also ``python -m treg``): ``train``, ``rewards``, ``label``, ``pairs``, ``reward-model``,
-``quickstart`` and ``viz``.
+``quickstart``, ``viz``, ``rl`` and ``eval``.
 
     treg train --config recipes/tiny/treg-dpo.yaml [--treg_alpha 0.5 ...]
     treg rewards --config recipes/tiny/treg-dpo.yaml
@@ -8,6 +8,8 @@
     treg reward-model --model CKPT --dataset LABELED --output_dir DIR
     treg quickstart [--output_dir DIR]
     treg viz --checkpoint CKPT [--ref-model REF] --dataset DATA [--rows 0 1 2] [--out heatmap.html|.png]
+    treg rl --config recipes/tiny/rl-relc.yaml
+    treg eval alpaca-eval|arena-hard --model CKPT [--judge JUDGE] ...   (treg eval --help)
 
 ``train`` and ``rewards`` read the same YAML keys as TRL's parser (ModelConfig, DPOConfig fields) plus treg's own
 (TRegConfig, :class:`DataArguments`). Command-line flags override the YAML. ``label`` writes RLAIF AI preference
@@ -366,6 +368,20 @@ def cmd_reward_model(argv: list[str]) -> int:
     return rm_main(argv)
 
 
+def cmd_rl(argv: list[str]) -> int:
+    """Online RL (RLOO/GRPO) with reward-model, direct-RLAIF, callable and RELC critic rewards."""
+    from treg.rl import main as rl_main
+
+    return rl_main(argv)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """AlpacaEval 2 and Arena-Hard from a checkpoint, offline with a local judge or with an endpoint judge."""
+    from treg.evaluation.cli import main as eval_main
+
+    return eval_main(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "rewards": cmd_rewards,
@@ -374,6 +390,8 @@ COMMANDS = {
     "reward-model": cmd_reward_model,
     "quickstart": cmd_quickstart,
     "viz": cmd_viz,
+    "rl": cmd_rl,
+    "eval": cmd_eval,
 }
 
 
