@@ -129,6 +129,18 @@ class TRegConfig(DPOConfig):
         default=True, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
 
+    # evaluation hooks (treg.evaluation.callback.EvalHookCallback; docs/evaluation.md)
+    eval_hooks: list[str] | None = field(
+        default=None, metadata={"help": "Benchmarks to run during/after training: alpaca_eval, arena_hard."}
+    )
+    eval_hook_max_instances: int | None = field(default=32, metadata={"help": "Eval hooks: subset size per run."})
+    eval_hook_judge: str | None = field(
+        default=None, metadata={"help": "Eval hooks: judge (path, treg:tiny, openai:MODEL@URL); default the policy."}
+    )
+    eval_hook_when: str = field(default="end", metadata={"help": "Eval hooks: 'end', 'eval' or a step interval."})
+    eval_hook_max_new_tokens: int = field(default=256, metadata={"help": "Eval hooks: answer length budget."})
+    eval_hook_arena_bench: str = field(default="v0.1", metadata={"help": "Eval hooks: Arena-Hard version."})
+
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -239,6 +251,15 @@ class TRegTrainer(DPOTrainer):
                 truncation_mode=args.truncation_mode,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
+
+        if args.eval_hooks:
+            from treg.evaluation.callback import EvalHookCallback
+
+            self.add_callback(EvalHookCallback(
+                args.eval_hooks, max_instances=args.eval_hook_max_instances, judge=args.eval_hook_judge,
+                when=args.eval_hook_when, output_dir=args.output_dir, max_new_tokens=args.eval_hook_max_new_tokens,
+                batch_size=args.per_device_eval_batch_size, bench=args.eval_hook_arena_bench, log=self.log,
+            ))
 
     # ----------------------------------------------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

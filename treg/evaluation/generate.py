@@ -1,4 +1,5 @@
-"""Generate answers to prompts from a causal LM (HF backend): batched, left-padded, through the chat template.
+"""Generate answers to prompts from a causal LM: batched, through the chat template; HF backend (CPU/GPU, left-padded)
+or vLLM backend (optional extra, imported only when asked for).
 
     >>> texts = generate(model, tokenizer, [[{"role": "user", "content": "sort: 3 1 2"}]], num_samples=2,
     ...                  do_sample=True, max_new_tokens=16)
@@ -6,12 +7,24 @@
     (1, 2)
 
 Prompts are lists of chat messages (rendered with ``add_generation_prompt``) or plain strings (tokenized as is).
-Sampling is reproducible: the same seed, prompts and batch size give the same texts.
+Sampling is reproducible: the same seed, prompts and batch size give the same texts (HF backend).
+
+``backend="vllm"``: ``model`` is a ``vllm.LLM`` (or a path/hub id to build one) and the same token ids are sent to it
+(``TokensPrompt``), so both backends see identical prompts. vLLM is not a dependency of treg; without it installed the
+call fails with an error that says so. (The vLLM path was not run in treg's CI: vLLM does not install on its CPU-only
+machines.)
+
+Benchmark files: :func:`write_alpaca_eval_outputs` (AlpacaEval's ``model_outputs.json``: ``instruction``, ``output``,
+``generator``) and :func:`write_arena_hard_answers` (Arena-Hard's ``model_answer/<model>.jsonl``), both atomic.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+import time
+import uuid
 
 import torch
 
@@ -38,17 +51,30 @@ def generate(
     seed: int = 0,
     show_progress: bool = True,
     desc: str = "Generating",
+    backend: str = "hf",
 ) -> list[list[str]]:
     """``num_samples`` completions per prompt (decoded, special tokens stripped), in the order of ``prompts``."""
     from tqdm.auto import tqdm
 
     if num_samples > 1 and not do_sample:
         raise ValueError("num_samples > 1 needs do_sample=True (greedy decoding gives the same text every time).")
+    if backend == "vllm":
+        return _generate_vllm(
+            model,
+            tokenizer,
+            prompts,
+            num_samples=num_samples,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+    if backend != "hf":
+        raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [render_prompt(tokenizer, p) for p in prompts]
-    jobs = sorted(
-        ((i, s) for i in range(len(prompts)) for s in range(num_samples)), key=lambda j: -len(encoded[j[0]])
-    )
+    jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(num_samples)), key=lambda j: -len(encoded[j[0]]))
     out: list[list[str | None]] = [[None] * num_samples for _ in prompts]
     device = next(model.parameters()).device
     was_training = model.training
@@ -80,3 +106,133 @@ def generate(
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            "backend='vllm' needs vLLM, which treg does not install (it needs a CUDA machine): pip install vllm. "
+            "Use backend='hf' otherwise."
+        ) from e
+    return vllm
+
+
+def _generate_vllm(model, tokenizer, prompts, *, num_samples, do_sample, temperature, top_p, max_new_tokens, seed):
+    vllm = _import_vllm()
+    llm = vllm.LLM(model=model, seed=seed) if isinstance(model, str) else model
+    params = vllm.SamplingParams(
+        n=num_samples,
+        temperature=temperature if do_sample else 0.0,
+        top_p=top_p if do_sample else 1.0,
+        max_tokens=max_new_tokens,
+        seed=seed,
+        skip_special_tokens=True,
+    )
+    from vllm.inputs import TokensPrompt
+
+    inputs = [TokensPrompt(prompt_token_ids=render_prompt(tokenizer, p)) for p in prompts]
+    outputs = llm.generate(inputs, params)
+    return [[c.text for c in o.outputs] for o in outputs]
+
+
+def load_causal_lm(spec: str, device: str | None = None, dtype: str | None = "auto"):
+    """(model, tokenizer) for ``treg:tiny`` (the embedded tiny model) or a local path / hub id, in eval mode."""
+    if spec == "treg:tiny":
+        from treg.synthetic import load_tiny_model
+
+        model, tokenizer, _ = load_tiny_model(show_progress=False)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto")
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model.config.name_or_path = spec
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    instructions: list[str],
+    *,
+    max_new_tokens: int = 1024,
+    batch_size: int = 16,
+    backend: str = "hf",
+    show_progress: bool = True,
+    system_prompt: str | None = None,
+    **sampling,
+) -> list[str]:
+    """One answer per instruction, each sent as a single user turn (with an optional system prompt); greedy unless
+    ``do_sample=True`` is passed."""
+    prompts = [
+        ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": q}]
+        for q in instructions
+    ]
+    out = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        desc="Answering",
+        backend=backend,
+        **sampling,
+    )
+    return [o[0].strip() for o in out]
+
+
+def _write_atomic(path: str, text: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_alpaca_eval_outputs(
+    path: str, instructions: list[str], outputs: list[str], generator: str, extra: list[dict] | None = None
+) -> None:
+    """AlpacaEval's ``model_outputs.json``: a list of ``{"instruction", "output", "generator"}`` (plus ``extra``
+    fields per row, e.g. ``dataset``), in the order given."""
+    if len(instructions) != len(outputs):
+        raise ValueError(f"{len(instructions)} instructions but {len(outputs)} outputs.")
+    rows = [
+        {**(extra[i] if extra else {}), "instruction": q, "output": o, "generator": generator}
+        for i, (q, o) in enumerate(zip(instructions, outputs))
+    ]
+    _write_atomic(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_arena_hard_answers(
+    path: str, model: str, uids: list[str], questions: list[str], answers: list[str], metadata: list[dict] | None = None
+) -> None:
+    """Arena-Hard's ``model_answer/<model>.jsonl`` (the format of lmarena/arena-hard-auto's data): one row per
+    question ``{"uid", "ans_id", "model", "messages": [user, {"role": "assistant", "content": {"answer"}}],
+    "tstamp"}`` plus ``metadata`` (token and markdown counts for style control) when given."""
+    if not (len(uids) == len(questions) == len(answers)):
+        raise ValueError(f"{len(uids)} uids, {len(questions)} questions and {len(answers)} answers must match.")
+    lines = []
+    for i, (uid, q, a) in enumerate(zip(uids, questions, answers)):
+        row = {
+            "uid": uid,
+            "ans_id": uuid.uuid4().hex,
+            "model": model,
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": {"answer": a}}],
+            "tstamp": time.time(),
+        }
+        if metadata is not None:
+            row["metadata"] = metadata[i]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    _write_atomic(path, "\n".join(lines) + "\n")

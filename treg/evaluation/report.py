@@ -1,0 +1,111 @@
+"""Results of a run as JSON plus a short markdown table; several runs compared in one table and one plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from treg.evaluation.generate import _write_atomic
+
+
+def _fmt(x, digits: int = 1) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    """A short markdown table for one run (AlpacaEval 2 or Arena-Hard results dict)."""
+    bench, m = results["benchmark"], results["metrics"]
+    head = f"### {bench}: {results['model']} (judge: {results['judge']})\n\n"
+    if bench == "alpaca_eval":
+        lc = _fmt(m.get("length_controlled_winrate"))
+        rows = [
+            "| metric | value |",
+            "|---|---|",
+            f"| win rate (%) | {_fmt(m.get('win_rate'))} ± {_fmt(m.get('standard_error'))} |",
+            f"| length-controlled win rate (%) | {lc} |",
+            f"| discrete win rate (%) | {_fmt(m.get('discrete_win_rate'))} |",
+            f"| instances judged / failed | {m.get('n_instances')} / {m.get('n_failed')} |",
+            f"| average output length (chars) | {_fmt(m.get('avg_length'), 0)} |",
+        ]
+        if m.get("position_biased_fraction") is not None:
+            rows.append(f"| pairs with position bias | {_fmt(100 * m['position_biased_fraction'])}% |")
+        note = f"\n\n{m['lc_unavailable_reason']}" if m.get("lc_unavailable_reason") else ""
+        return head + "\n".join(rows) + note + "\n"
+    rows = ["| model | win rate vs baseline (%) | 95% CI | games invalid / total |", "|---|---|---|---|"]
+    for name, row in sorted(m["models"].items(), key=lambda kv: -kv[1]["score"]):
+        ci = f"{_fmt(row['lower'])} – {_fmt(row['upper'])}"
+        games = f"{row['invalid_games']} / {row['n_games']}" if "n_games" in row else "baseline"
+        rows.append(f"| {name} | {_fmt(row['score'])} | {ci} | {games} |")
+    extra = (
+        f"\n\nstyle control: {m['style_control']}, coefficients {m['style_coefs']}" if m.get("style_control") else ""
+    )
+    return head + "\n".join(rows) + extra + "\n"
+
+
+def write_report(out_dir: str, results: dict) -> tuple[str, str]:
+    """``results.json`` and ``results.md`` in ``out_dir`` (atomic). Returns both paths."""
+    js, md = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
+    _write_atomic(js, json.dumps(results, indent=2, default=_json_default) + "\n")
+    _write_atomic(md, markdown(results))
+    return js, md
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def headline(results: dict) -> tuple[float | None, float | None, float | None]:
+    """(score, lower, upper) of the evaluated model: win rate ± 1.96 SE for AlpacaEval, the CI for Arena-Hard."""
+    m = results["metrics"]
+    if results["benchmark"] == "alpaca_eval":
+        wr, se = m.get("win_rate"), m.get("standard_error")
+        if wr is None:
+            return None, None, None
+        se = se if se is not None and not math.isnan(se) else 0.0
+        return wr, wr - 1.96 * se, wr + 1.96 * se
+    row = m["models"].get(results["model"])
+    return (row["score"], row["lower"], row["upper"]) if row else (None, None, None)
+
+
+def compare(paths: list[str], out_dir: str) -> tuple[str, str | None]:
+    """A markdown table (and ``comparison.png`` when matplotlib is installed) over several ``results.json``."""
+    runs = []
+    for p in paths:
+        with open(os.path.join(p, "results.json") if os.path.isdir(p) else p) as f:
+            runs.append(json.load(f))
+    lines = ["| run | benchmark | model | judge | score (%) | interval |", "|---|---|---|---|---|---|"]
+    for p, r in zip(paths, runs):
+        s, lo, hi = headline(r)
+        lines.append(f"| {p} | {r['benchmark']} | {r['model']} | {r['judge']} | {_fmt(s)} | {_fmt(lo)} – {_fmt(hi)} |")
+    md = os.path.join(out_dir, "comparison.md")
+    _write_atomic(md, "\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return md, None
+    fig, axes = plt.subplots(1, len({r["benchmark"] for r in runs}), figsize=(6, 3.5), squeeze=False)
+    for ax, bench in zip(axes[0], sorted({r["benchmark"] for r in runs})):
+        sel = [(p, r) for p, r in zip(paths, runs) if r["benchmark"] == bench]
+        vals = [headline(r) for _, r in sel]
+        xs = range(len(sel))
+        ys = [v[0] if v[0] is not None else float("nan") for v in vals]
+        err = [
+            [(v[0] - v[1]) if v[0] is not None else 0 for v in vals],
+            [(v[2] - v[0]) if v[0] is not None else 0 for v in vals],
+        ]
+        ax.bar(xs, ys, yerr=err, capsize=4, color="#4c72b0")
+        ax.set_xticks(list(xs), [os.path.basename(os.path.normpath(p)) or p for p, _ in sel], rotation=30, ha="right")
+        ax.set_ylabel("win rate (%)")
+        ax.set_title({"alpaca_eval": "AlpacaEval 2", "arena_hard": "Arena-Hard"}.get(bench, bench))
+    fig.tight_layout()
+    png = os.path.join(out_dir, "comparison.png")
+    fig.savefig(png + ".tmp.png", dpi=120)
+    os.replace(png + ".tmp.png", png)
+    plt.close(fig)
+    return md, png

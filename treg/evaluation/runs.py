@@ -1,0 +1,222 @@
+"""One benchmark run from a loaded policy: generate (cached), judge (cached, resumable), score, write the files and
+the report. Used by ``treg eval`` and by the training hook."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from treg.evaluation import alpaca_eval as ae
+from treg.evaluation import arena_hard as ah
+from treg.evaluation import data
+from treg.evaluation.generate import generate_answers, write_alpaca_eval_outputs, write_arena_hard_answers
+from treg.evaluation.judges import JudgeStats, JudgmentCache, PairwiseJudge
+from treg.evaluation.report import write_report
+
+logger = logging.getLogger(__name__)
+
+
+def _model_hash(model) -> str:
+    from trl.trainer.utils import hash_module
+
+    return hash_module(model)
+
+
+def cached_answers(
+    model, tokenizer, instructions: list[str], out_dir: str, gen: dict, show_progress: bool = True
+) -> list[str]:
+    """Answers to ``instructions``; reused from ``<out_dir>/.answers-<key>.json`` when the model weights, prompts and
+    generation settings are the same (written atomically)."""
+    from treg.evaluation.generate import _write_atomic
+
+    key = hashlib.sha256(
+        json.dumps({"model": _model_hash(model), "instructions": instructions, "gen": gen}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    path = os.path.join(out_dir, f".answers-{key}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            logger.info("answers loaded from %s", path)
+            return json.load(f)
+    answers = generate_answers(model, tokenizer, instructions, show_progress=show_progress, **gen)
+    _write_atomic(path, json.dumps(answers))
+    return answers
+
+
+def _stats_dict(stats: JudgeStats) -> dict:
+    return {
+        "judged": stats.judged,
+        "cached": stats.cached,
+        "failed_prompts": stats.failed_prompts,
+        "failed_pairs": stats.failed_pairs,
+        "truncated_prompts": stats.truncated_prompts,
+        "retried": stats.retries,
+    }
+
+
+def run_alpaca_eval(
+    model,
+    tokenizer,
+    *,
+    generator: str,
+    judge: PairwiseJudge | None,
+    out_dir: str,
+    reference_path: str | None = None,
+    max_instances: int | None = None,
+    gen: dict | None = None,
+    retries: int = 1,
+    show_progress: bool = True,
+    annotator: dict | None = None,
+) -> dict:
+    """AlpacaEval 2 for a policy. ``annotator`` = {config_dir, judge_model, base_url, api_key_env} runs the official
+    ``alpaca_eval.evaluate`` pipeline instead of ``judge``."""
+    os.makedirs(out_dir, exist_ok=True)
+    reference = ae.load_reference(data.alpaca_reference(reference_path))
+    indices = ae.select_instances(len(reference), max_instances)
+    instructions = [reference[i]["instruction"] for i in indices]
+    answers = cached_answers(model, tokenizer, instructions, out_dir, dict(gen or {}), show_progress)
+    extra = [{"dataset": reference[i].get("dataset")} for i in indices]
+    write_alpaca_eval_outputs(os.path.join(out_dir, "model_outputs.json"), instructions, answers, generator, extra)
+    outputs = [{"instruction": q, "output": a, "generator": generator} for q, a in zip(instructions, answers)]
+    stats = JudgeStats()
+    if annotator:
+        annotations, metrics = ae.evaluate_with_annotator(outputs, reference, indices, out_dir=out_dir, **annotator)
+        judge_name = (
+            f"alpaca_eval:{os.path.basename(os.path.normpath(annotator['config_dir']))}:{annotator['judge_model']}"
+        )
+    else:
+        cache = JudgmentCache(os.path.join(out_dir, "judgment_cache"))
+        annotations = ae.annotate(
+            judge,
+            reference,
+            outputs,
+            indices,
+            generator=generator,
+            cache=cache,
+            retries=retries,
+            show_progress=show_progress,
+            stats=stats,
+        )
+        metrics = ae.compute_metrics(annotations)
+        judge_name = judge.name
+        from treg.evaluation.generate import _write_atomic
+
+        _write_atomic(
+            os.path.join(out_dir, "annotations.json"),
+            json.dumps(annotations, indent=2, default=str, allow_nan=True) + "\n",
+        )
+    results = {
+        "benchmark": "alpaca_eval",
+        "model": generator,
+        "judge": judge_name,
+        "out_dir": out_dir,
+        "max_instances": max_instances,
+        "metrics": metrics,
+        "judge_stats": _stats_dict(stats),
+    }
+    write_report(out_dir, results)
+    return results
+
+
+def run_arena_hard(
+    model,
+    tokenizer,
+    *,
+    model_name: str,
+    judge: PairwiseJudge,
+    out_dir: str,
+    bench: str = "v0.1",
+    questions_path: str | None = None,
+    baseline_paths: list[str] | None = None,
+    max_instances: int | None = None,
+    judge_config: str | None = None,
+    style: str | None = None,
+    rounds: int = 100,
+    gen: dict | None = None,
+    retries: int = 1,
+    show_progress: bool = True,
+) -> dict:
+    """Arena-Hard for a policy: answers → ``model_answer/``, judgments → ``model_judgment/<judge>/``, scores."""
+    ah.check_style(style)
+    config = ah.load_judge_config(bench, judge_config)
+    questions = ah.load_questions(data.arena_questions(bench, questions_path))
+    if max_instances is not None:
+        questions = questions[:max_instances]
+    baselines: dict[str, dict[str, str]] = {}
+    for path in data.arena_baselines(bench, baseline_paths):
+        name, answers, _ = ah.load_answers(path)
+        baselines[name] = answers
+    texts = cached_answers(model, tokenizer, [q["prompt"] for q in questions], out_dir, dict(gen or {}), show_progress)
+    counter, _ = ah.token_counter()
+    write_arena_hard_answers(
+        os.path.join(out_dir, "model_answer", f"{ah._safe(model_name)}.jsonl"),
+        model_name,
+        [q["uid"] for q in questions],
+        [q["prompt"] for q in questions],
+        texts,
+        metadata=[ah.markdown_metadata(t, counter) for t in texts],
+    )
+    answers = {q["uid"]: t for q, t in zip(questions, texts)}
+    stats = JudgeStats()
+    cache = JudgmentCache(os.path.join(out_dir, "judgment_cache"))
+    records = ah.judge_model(
+        judge,
+        config,
+        questions,
+        answers,
+        model_name,
+        baselines,
+        cache,
+        retries=retries,
+        show_progress=show_progress,
+        stats=stats,
+    )
+    path = ah.write_judgments(os.path.join(out_dir, "model_judgment"), judge.name, model_name, records)
+    all_answers = dict(baselines) | {model_name: answers}
+    metrics = {}
+    for category in sorted({q["category"] for q in questions}):
+        recs = [r for r in records if r["category"] == category]
+        metrics[category] = ah.score_judgments(
+            recs, answers=all_answers, style=style, rounds=rounds, weight=config.get("weight", 3)
+        )
+    main = metrics[next(iter(metrics))] if len(metrics) == 1 else None
+    results = {
+        "benchmark": "arena_hard",
+        "bench": bench,
+        "model": model_name,
+        "judge": judge.name,
+        "out_dir": out_dir,
+        "judgments": path,
+        "max_instances": max_instances,
+        "metrics": main or {"models": {}, "per_category": metrics},
+        "judge_stats": _stats_dict(stats),
+    }
+    if main is None:
+        results["metrics"]["models"] = {}
+        for category, m in metrics.items():
+            for name, row in m["models"].items():
+                results["metrics"]["models"][f"{name} [{category}]"] = row
+    write_report(out_dir, results)
+    return results
+
+
+def flat_metrics(results: dict, prefix: str = "eval_hooks") -> dict[str, float]:
+    """The headline numbers as flat ``{name: float}`` for a trainer log."""
+    m, out = results["metrics"], {}
+    if results["benchmark"] == "alpaca_eval":
+        for k in ("win_rate", "standard_error", "length_controlled_winrate", "n_failed"):
+            if m.get(k) is not None:
+                out[f"{prefix}/alpaca_eval/{k}"] = float(m[k])
+        return out
+    row = m["models"].get(results["model"])
+    if row is None:  # several categories (v2.0)
+        for name, r in m["models"].items():
+            if name.startswith(results["model"] + " ["):
+                out[f"{prefix}/arena_hard/{name[len(results['model']) + 2 : -1]}/win_rate"] = r["score"]
+        return out
+    out[f"{prefix}/arena_hard/win_rate"] = row["score"]
+    out[f"{prefix}/arena_hard/ci_lower"] = row["lower"]
+    out[f"{prefix}/arena_hard/ci_upper"] = row["upper"]
+    out[f"{prefix}/arena_hard/invalid_games"] = float(row.get("invalid_games", 0))
+    return out
