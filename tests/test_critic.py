@@ -33,9 +33,18 @@ def tok():
 
 def _config(tmp, **kw):
     base = dict(
-        output_dir=str(tmp / "out"), use_cpu=True, activation_checkpointing=False, report_to="none",
-        save_strategy="no", disable_tqdm=True, per_device_train_batch_size=4, max_steps=1, treg_alpha=0.5,
-        token_reward_cache_dir=str(tmp / "cache"), token_reward_source="critic", critic_model="rule:toy",
+        output_dir=str(tmp / "out"),
+        use_cpu=True,
+        activation_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        max_steps=1,
+        treg_alpha=0.5,
+        token_reward_cache_dir=str(tmp / "cache"),
+        token_reward_source="critic",
+        critic_model="rule:toy",
         logging_steps=1,
     )
     base.update(kw)
@@ -67,8 +76,12 @@ def test_parser_on_messy_text():
 
     Thanks!"""
     spans, unparsed = parse_critic_output(text)
-    assert spans == [Span(BAD, "Sydney"), Span(GOOD, "The capital"), Span(BAD, "1", 2),
-                     Span(GOOD, "unquoted span here")]
+    assert spans == [
+        Span(BAD, "Sydney"),
+        Span(GOOD, "The capital"),
+        Span(BAD, "1", 2),
+        Span(GOOD, "unquoted span here"),
+    ]
     # preamble, "**BAD**" line (bold around the label only), empty span, occurrence 0, "Thanks!"
     assert unparsed == 5
     assert parse_critic_output(None) == ([], 0)
@@ -115,8 +128,9 @@ def test_repeated_spans_and_absent_spans(tok):
     assert values == [-0.25, 0.0, -0.25, -0.25, 0.0]  # no occurrence index: every occurrence
     values, _ = map_spans_to_tokens(tok, text, completion, [Span(BAD, "7", 2)])
     assert values == [0.0, 0.0, -0.25, 0.0, 0.0]  # only the 2nd
-    values, stats = map_spans_to_tokens(tok, text, completion, [Span(BAD, "7", 4), Span(GOOD, "9"),
-                                                                Span(BAD, "1 7 7 7"), ("GOOD", "1")])
+    values, stats = map_spans_to_tokens(
+        tok, text, completion, [Span(BAD, "7", 4), Span(GOOD, "9"), Span(BAD, "1 7 7 7"), ("GOOD", "1")]
+    )
     assert values == [0.0, 0.25, 0.0, 0.0, 0.0]  # absent spans give no values, never a guess
     assert stats == {"spans": 4, "found": 1, "missing": 3, "bad_tokens": 0, "good_tokens": 1}
 
@@ -137,15 +151,20 @@ def prepared(tiny, tmp_path_factory):
     """Toy pairs tokenized the trainer's way (α = 0: reference columns only)."""
     model, tokenizer, _ = tiny
     tmp = tmp_path_factory.mktemp("critic-prep")
-    trainer = TRegTrainer(copy.deepcopy(model), args=_config(tmp, treg_alpha=0.0, token_reward_cache_dir="none"),
-                          train_dataset=make_pairs(8, seed=3), processing_class=tokenizer)
+    trainer = TRegTrainer(
+        copy.deepcopy(model),
+        args=_config(tmp, treg_alpha=0.0, token_reward_cache_dir="none"),
+        train_dataset=make_pairs(8, seed=3),
+        processing_class=tokenizer,
+    )
     return trainer.train_dataset
 
 
 def test_rule_critic_marks_exactly_the_defect_tokens(tiny, prepared, tmp_path):
     tokenizer = tiny[1]
-    out, stats = attach_critic_rewards(prepared, RuleCritic(), tokenizer, critic_id="rule", max_length=None,
-                                       cache_dir="none", return_stats=True)
+    out, stats = attach_critic_rewards(
+        prepared, RuleCritic(), tokenizer, critic_id="rule", max_length=None, cache_dir="none", return_stats=True
+    )
     defects = rejected_token_defects(tokenizer, prepared)
     for r in range(len(out)):
         values = out[r][REJECTED_REWARDS]
@@ -173,8 +192,16 @@ def test_failures_give_zeros_and_are_counted(tiny, prepared):
     def flaky(prompts):
         return [next(answers) for _ in prompts]
 
-    out, stats = attach_critic_rewards(prepared, flaky, tokenizer, critic_id="flaky", max_length=None,
-                                       cache_dir="none", return_stats=True, batch_size=3)
+    out, stats = attach_critic_rewards(
+        prepared,
+        flaky,
+        tokenizer,
+        critic_id="flaky",
+        max_length=None,
+        cache_dir="none",
+        return_stats=True,
+        batch_size=3,
+    )
     for col in (CHOSEN_REWARDS, REJECTED_REWARDS):
         assert all(v == 0.0 for row in out[col] for v in row)
     assert stats == {"failed": 8, "unparsed": 4, "spans": 4, "found": 0, "missing": 4, "responses": 16}
@@ -194,8 +221,12 @@ def test_truncation_keeps_values_of_kept_tokens(tiny, prepared):
 
 def test_plain_text_rows_strip_the_appended_eos(tiny, tmp_path):
     model, tokenizer, _ = tiny
-    trainer = TRegTrainer(copy.deepcopy(model), args=_config(tmp_path, treg_alpha=0.0, token_reward_cache_dir="none"),
-                          train_dataset=make_pairs(4, seed=5, conversational=False), processing_class=tokenizer)
+    trainer = TRegTrainer(
+        copy.deepcopy(model),
+        args=_config(tmp_path, treg_alpha=0.0, token_reward_cache_dir="none"),
+        train_dataset=make_pairs(4, seed=5, conversational=False),
+        processing_class=tokenizer,
+    )
     ds = trainer.train_dataset
     out = attach_critic_rewards(ds, RuleCritic(), tokenizer, critic_id="r", max_length=None, cache_dir="none")
     defects = rejected_token_defects(tokenizer, ds.map(lambda ex: {"rejected": ex["rejected"][: -len("<|end|>")]}))
@@ -243,3 +274,27 @@ def test_trainer_with_rule_critic_trains_and_reuses_cache(tiny, tmp_path, monkey
     monkeypatch.setattr(critic_lib.RuleCritic, "__call__", boom)
     again = TRegTrainer(copy.deepcopy(model), args=config, train_dataset=data, processing_class=tokenizer)
     assert again.train_dataset[REJECTED_REWARDS] == ds[REJECTED_REWARDS]
+
+
+def test_hf_critic_leaves_the_callers_random_state_alone(tiny):
+    """An RL step calls the critic between samplings: re-seeding the global RNG there would replay the same random
+    stream at every step."""
+    import torch
+
+    from treg.token_rewards.critic import HFCritic
+
+    model, tokenizer, _ = tiny
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    (answer,) = HFCritic(model, tokenizer, max_new_tokens=2)([build_critic_prompt("copy: 1", "1", few_shot=())])
+    assert isinstance(answer, str) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_rule_critic_spans_never_cross_lines():
+    (answer,) = RuleCritic()([build_critic_prompt("copy: 1 2 3 4", "1 2\n3 5", few_shot=())])
+    spans, unparsed = parse_critic_output(answer)
+    assert unparsed == 0 and all("\n" not in s.text for s in spans)
+    assert Span(BAD, "5") in spans and {s.text for s in spans if s.label == GOOD} == {"1", "2", "3"}
+    for separator in ("\u2028", "\x1c", "\x85"):  # str.splitlines breaks there too
+        (answer,) = RuleCritic()([build_critic_prompt("copy: 1 2 3 4", f"1 2{separator}3 5", few_shot=())])
+        assert parse_critic_output(answer)[1] == 0, separator

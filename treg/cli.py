@@ -62,8 +62,14 @@ def _parser():
     return TrlParser((DataArguments, TRegConfig, ModelConfig))
 
 
-def check_recipe(path: str, parser) -> dict:
-    """Load a recipe YAML, failing with the file, line and key on malformed YAML or unknown keys."""
+TRAIN_KEYS_HINT = (
+    "Keys are the fields of TRegConfig (DPOConfig), ModelConfig and DataArguments; see `treg train --help`."
+)
+
+
+def check_recipe(path: str, parser, keys_hint: str = TRAIN_KEYS_HINT) -> dict:
+    """Load a recipe YAML, failing with the file, line and key on malformed YAML or unknown keys (``keys_hint`` says
+    where the known keys are listed)."""
     import yaml
 
     if not os.path.isfile(path):
@@ -82,10 +88,7 @@ def check_recipe(path: str, parser) -> dict:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(
-                f"recipe {path!r}: unknown key {key!r}.{hint} Keys are the fields of TRegConfig (DPOConfig), "
-                "ModelConfig and DataArguments; see `treg train --help`."
-            )
+            raise RecipeError(f"recipe {path!r}: unknown key {key!r}.{hint} {keys_hint}")
     return config
 
 

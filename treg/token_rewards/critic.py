@@ -32,8 +32,10 @@ response gets all-zero rewards and is counted.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -120,8 +122,12 @@ def build_critic_prompt(
     ``### Critique`` for the critic to continue. A ``score`` (the extrinsic reward) is shown when given."""
     parts = [task_description.strip(), ""]
     for i, ex in enumerate(few_shot, 1):
-        parts.append(f"## Example {i}\n" + _section(ex["prompt"], ex["response"], ex.get("score"))
-                     + format_critic_answer(ex["spans"]) + "\n")
+        parts.append(
+            f"## Example {i}\n"
+            + _section(ex["prompt"], ex["response"], ex.get("score"))
+            + format_critic_answer(ex["spans"])
+            + "\n"
+        )
     parts.append("## Your turn\n" + _section(prompt, response, score))
     return "\n".join(parts)
 
@@ -241,12 +247,20 @@ def map_spans_to_tokens(
             "changes the response's tokenization in context (e.g. a SentencePiece prefix space)."
         )
     offsets = [(a + shift, b + shift) for a, b in enc["offset_mapping"]]
+    marked, stats = _mark_spans(response_text, offsets, spans, good_value, bad_value)
+    values = [0.0] * len(completion_ids)
+    values[start : start + len(marked)] = marked
+    return values, stats
+
+
+def _mark_spans(text: str, offsets, spans, good_value: float, bad_value: float) -> tuple[list[float], dict[str, int]]:
+    """One value per ``(start, end)`` character range of ``text``: BAD wins over GOOD, unmarked ranges get 0."""
     is_good, is_bad = [False] * len(offsets), [False] * len(offsets)
     stats = {"spans": 0, "found": 0, "missing": 0}
     for s in spans:
         s = Span(*s)
         stats["spans"] += 1
-        occ = find_occurrences(response_text, s.text)
+        occ = find_occurrences(text, s.text)
         if s.occurrence is not None:
             occ = occ[s.occurrence - 1 : s.occurrence]
         if not occ:
@@ -259,19 +273,57 @@ def map_spans_to_tokens(
             for t, (a, b) in enumerate(offsets):
                 if a < end and begin < b:
                     marks[t] = True
-    values = [0.0] * len(completion_ids)
-    for t in range(len(offsets)):
-        values[start + t] = bad_value if is_bad[t] else good_value if is_good[t] else 0.0
+    values = [bad_value if b else good_value if g else 0.0 for g, b in zip(is_good, is_bad)]
     stats["bad_tokens"] = sum(is_bad)
     stats["good_tokens"] = sum(g and not b for g, b in zip(is_good, is_bad))
     return values, stats
+
+
+def decode_with_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The text of ``ids`` (special tokens skipped, no clean-up of spaces) and each token's character range in it,
+    from decoding growing prefixes: token t covers ``[common prefix of text(<t) and text(≤t), len(text(≤t)))``.
+
+    Unlike re-tokenizing the text, this holds for any id sequence a policy samples, canonical or not; a byte-level
+    token that ends inside a multi-byte character shares that character with the next token. Special tokens get an
+    empty range, so no span can mark them.
+    """
+
+    def text(n: int) -> str:
+        return tokenizer.decode(list(ids[:n]), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    offsets, prev = [], ""
+    for t in range(len(ids)):
+        cur = text(t + 1)
+        common = 0
+        limit = min(len(prev), len(cur))
+        while common < limit and prev[common] == cur[common]:
+            common += 1
+        offsets.append((common, len(cur)) if len(cur) > common else (len(cur), len(cur)))
+        prev = cur
+    return prev, offsets
+
+
+def map_spans_to_completion_ids(
+    tokenizer,
+    completion_ids: Sequence[int],
+    spans: Sequence,
+    good_value: float = DEFAULT_GOOD_VALUE,
+    bad_value: float = DEFAULT_BAD_VALUE,
+) -> tuple[list[float], dict[str, int]]:
+    """Like :func:`map_spans_to_tokens` for sampled completions (online RL): spans are matched in the text the ids
+    decode to (:func:`decode_with_offsets`, the text the critic was shown), so the values line up one-to-one with
+    ``completion_ids`` whatever their tokenization. End-of-turn and other special tokens get 0."""
+    check_values(good_value, bad_value)
+    text, offsets = decode_with_offsets(tokenizer, completion_ids)
+    return _mark_spans(text, offsets, spans, good_value, bad_value)
 
 
 # ------------------------------------------------------------------------------------------------------- critics
 class HFCritic:
     """A causal LM as critic: each critic prompt is sent as one user turn through the chat template (plain text when
     the tokenizer has none) and answered greedily. Prompts longer than the model's context minus
-    ``max_new_tokens`` are not sent; their answer is None (a counted failure)."""
+    ``max_new_tokens`` are not sent; their answer is None (a counted failure). The caller's random state is left as
+    it was (a critic call inside an RL step must not re-seed the policy's sampling)."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 256, batch_size: int = 8, show_progress: bool = False):
         self.model, self.tokenizer = model, tokenizer
@@ -293,12 +345,29 @@ class HFCritic:
             if limit is None or n + self.max_new_tokens <= limit:
                 keep.append(i)
             else:
-                logger.warning("critic prompt %d has %d tokens; with %d new tokens it exceeds the context of %d",
-                               i, n, self.max_new_tokens, limit)
+                logger.warning(
+                    "critic prompt %d has %d tokens; with %d new tokens it exceeds the context of %d",
+                    i,
+                    n,
+                    self.max_new_tokens,
+                    limit,
+                )
         if keep:
-            texts = generate(self.model, self.tokenizer, [self._as_prompt(prompts[i]) for i in keep],
-                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                             show_progress=self.show_progress, desc="Critic")
+            import torch
+
+            device = next(self.model.parameters()).device
+            # generate() seeds the global RNG; greedy decoding needs none, and an online trainer sampling from the
+            # same RNG must not be reset to the same state at every critic call
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                texts = generate(
+                    self.model,
+                    self.tokenizer,
+                    [self._as_prompt(prompts[i]) for i in keep],
+                    max_new_tokens=self.max_new_tokens,
+                    batch_size=self.batch_size,
+                    show_progress=self.show_progress,
+                    desc="Critic",
+                )
             for i, t in zip(keep, texts):
                 out[i] = t[0]
         return out
@@ -335,8 +404,11 @@ class RuleCritic:
             if flags[i] or self.good:
                 label = BAD if flags[i] else GOOD
                 pieces = [(words[i][0], words[j][1])]
-                if words[i][0] not in find_occurrences(response, response[words[i][0] : words[j][1]]):
-                    pieces = words[i : j + 1]  # e.g. "1 1" at 2 in "1 1 1": address each word on its own
+                run = response[words[i][0] : words[j][1]]
+                if len(run.splitlines()) > 1 or words[i][0] not in find_occurrences(response, run):
+                    # e.g. "1 1" at 2 in "1 1 1", or a run across lines (the output format is one span per line):
+                    # address each word on its own
+                    pieces = words[i : j + 1]
                 for begin, end in pieces:
                     occ = find_occurrences(response, response[begin:end])
                     index = occ.index(begin) + 1 if len(occ) > 1 else None
@@ -356,6 +428,93 @@ class RuleCritic:
         return out
 
 
+# ------------------------------------------------------------------------------------------- guarded calls
+class CriticCallStats(NamedTuple):
+    """What went wrong in :func:`call_critic`, counted per prompt: the call raised, did not return within the
+    timeout, or returned the wrong number of answers. Every such prompt's answer is None."""
+
+    errors: int = 0
+    timeouts: int = 0
+    bad_length: int = 0
+
+    @property
+    def failed_calls(self) -> int:
+        return self.errors + self.timeouts + self.bad_length
+
+
+def call_critic(
+    critic: Critic,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    timeout_s: float | None = None,
+    show_progress: bool = False,
+    desc: str = "Critic",
+    statuses: list[str] | None = None,
+) -> tuple[list[str | None], CriticCallStats]:
+    """Answers to ``prompts`` from ``critic``, ``batch_size`` prompts per call, never raising for the critic's sake.
+
+    A call that raises, returns a wrong number of answers or (with ``timeout_s``) does not return in time gives None
+    for each of its prompts, counted in the returned :class:`CriticCallStats` and logged. Timed calls run in one
+    worker thread: a call that overruns cannot be stopped and keeps that thread busy until it returns, so later calls
+    queue behind it (and time out in turn) rather than run the critic concurrently. ``statuses``, when given, is
+    extended with one of ``"ok"``, ``"error"``, ``"timeout"``, ``"bad_length"`` per prompt.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts)
+    answers: list[str | None] = []
+    errors = timeouts = bad_length = 0
+    executor = _critic_executor() if timeout_s else None
+    disable = (not show_progress) or bool(os.environ.get("TQDM_DISABLE")) or len(prompts) <= batch_size
+    statuses = [] if statuses is None else statuses
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=disable):
+        chunk = prompts[start : start + batch_size]
+        try:
+            if executor is None:
+                got = list(critic(chunk))
+            else:
+                future = executor.submit(critic, chunk)
+                try:
+                    got = list(future.result(timeout=timeout_s))
+                except concurrent.futures.TimeoutError:
+                    future.cancel()
+                    timeouts += len(chunk)
+                    logger.warning(
+                        "critic call on %d prompts timed out after %.1f s; their rewards are 0", len(chunk), timeout_s
+                    )
+                    answers += [None] * len(chunk)
+                    statuses += ["timeout"] * len(chunk)
+                    continue
+        except Exception as e:  # a critic failure must never end the run: count it, log it, give zeros
+            errors += len(chunk)
+            logger.warning(
+                "critic call on %d prompts raised %s: %s; their rewards are 0", len(chunk), type(e).__name__, e
+            )
+            answers += [None] * len(chunk)
+            statuses += ["error"] * len(chunk)
+            continue
+        if len(got) != len(chunk):
+            bad_length += len(chunk)
+            logger.warning("the critic returned %d answers for %d prompts; their rewards are 0", len(got), len(chunk))
+            answers += [None] * len(chunk)
+            statuses += ["bad_length"] * len(chunk)
+            continue
+        answers += [a if isinstance(a, str) else None for a in got]
+        statuses += ["ok"] * len(chunk)
+    return answers, CriticCallStats(errors, timeouts, bad_length)
+
+
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _critic_executor() -> concurrent.futures.ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="treg-critic")
+    return _EXECUTOR
+
+
 # ---------------------------------------------------------------------------------------------- dataset columns
 def _text(value, tokenizer, field: str, row: int) -> str:
     if isinstance(value, str):
@@ -369,8 +528,9 @@ def _text(value, tokenizer, field: str, row: int) -> str:
             return messages[0]["content"]
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     if len(messages) != 1:
-        raise TokenRewardError(f"row {row}, field {field!r}: critic rewards need one completion message, "
-                               f"got {len(messages)}.")
+        raise TokenRewardError(
+            f"row {row}, field {field!r}: critic rewards need one completion message, got {len(messages)}."
+        )
     return messages[0]["content"]
 
 
@@ -434,9 +594,11 @@ def attach_critic_rewards(
 
     def compute() -> dict[str, list]:
         critic_prompts = [
-            build_critic_prompt(prompts[r], responses[side][r], scores[side][r], task_description=task_description,
-                                few_shot=few_shot)
-            for side in ("chosen", "rejected") for r in range(n)
+            build_critic_prompt(
+                prompts[r], responses[side][r], scores[side][r], task_description=task_description, few_shot=few_shot
+            )
+            for side in ("chosen", "rejected")
+            for r in range(n)
         ]
         answers: list[str | None] = []
         for start in range(0, len(critic_prompts), batch_size):
@@ -457,11 +619,17 @@ def attach_critic_rewards(
                 if failed:
                     row_values, st = [0.0] * len(ids), {"spans": 0, "found": 0, "missing": 0}
                 else:
-                    row_values, st = map_spans_to_tokens(tokenizer, responses[side][r], ids, spans, good_value,
-                                                         bad_value, row=f"{r} ({side})")
+                    row_values, st = map_spans_to_tokens(
+                        tokenizer, responses[side][r], ids, spans, good_value, bad_value, row=f"{r} ({side})"
+                    )
                 values.append(row_values[:kept])
-                for k, v in (("failed", int(failed)), ("unparsed", unparsed), ("spans", st["spans"]),
-                             ("found", st["found"]), ("missing", st["missing"])):
+                for k, v in (
+                    ("failed", int(failed)),
+                    ("unparsed", unparsed),
+                    ("spans", st["spans"]),
+                    ("found", st["found"]),
+                    ("missing", st["missing"]),
+                ):
                     stat_rows[k].append(v)
             columns[col] = values
             columns[f"critic_{side}_output"] = [a if a is not None else "" for a in answers[s * n : (s + 1) * n]]
@@ -470,7 +638,10 @@ def attach_critic_rewards(
         return columns
 
     columns = cache_lib.load_or_compute(
-        compute, cache_dir=cache_dir, entry=f"{CACHE_VERSION}-{key[:24]}", what="Critic token rewards",
+        compute,
+        cache_dir=cache_dir,
+        entry=f"{CACHE_VERSION}-{key[:24]}",
+        what="Critic token rewards",
         main_process_first=main_process_first,
     )
     if len(columns) != n:
