@@ -111,11 +111,118 @@ def test_next_token_logprobs_match_score_completions(tiny):
     from treg.scoring import next_token_logprobs
 
     model, tokenizer, _ = tiny
-    contexts = [tokenizer("copy: 1 2", add_special_tokens=False)["input_ids"],
-                tokenizer("sort: 9 1 5 3 2 =>", add_special_tokens=False)["input_ids"]]
+    contexts = [
+        tokenizer("copy: 1 2", add_special_tokens=False)["input_ids"],
+        tokenizer("sort: 9 1 5 3 2 =>", add_special_tokens=False)["input_ids"],
+    ]
     candidates = [tokenizer(d, add_special_tokens=False)["input_ids"][0] for d in ("1", " 2", " 9")]
     got = next_token_logprobs(model, contexts, candidates, batch_size=2, show_progress=False)
-    want = score_completions(model, [(c, [t]) for c in contexts for t in candidates], batch_size=1,
-                             show_progress=False)
+    want = score_completions(model, [(c, [t]) for c in contexts for t in candidates], batch_size=1, show_progress=False)
     np.testing.assert_allclose(got.reshape(-1), np.concatenate(want), atol=1e-5)
     assert got.shape == (2, 3)
+
+
+# ---------------------------------------------------------------------------------------------------- vLLM backend
+# vLLM cannot be installed on the CPU CI machine. A fake module with vLLM's interface (LLM.generate over TokensPrompt
+# with SamplingParams(prompt_logprobs=...), RequestOutput.prompt_logprobs as [None, {token_id: Logprob}, ...]) checks
+# the request we build and the conversion of its outputs; its log-probs come from naive forwards of the tiny model.
+class _Logprob:
+    def __init__(self, logprob, rank=1):
+        self.logprob, self.rank = logprob, rank
+
+
+def _fake_vllm(model, calls):
+    import types
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            calls.append(("init", kw))
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls.append(("generate", len(prompts), params.kw))
+            assert params.kw["prompt_logprobs"] == 0 and params.kw["max_tokens"] == 1
+            outs = []
+            for p in prompts:
+                ids = p["prompt_token_ids"]
+                with torch.no_grad():
+                    logps = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+                alt = (ids[0] + 1) % logps.shape[-1]  # vLLM also returns top-k alternatives; they must be ignored
+                plp = [None] + [
+                    {ids[p]: _Logprob(logps[p - 1, ids[p]].item()), alt: _Logprob(0.0)} for p in range(1, len(ids))
+                ]
+                outs.append(types.SimpleNamespace(prompt_logprobs=plp))
+            return outs
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
+    vllm.inputs = inputs
+    return {"vllm": vllm, "vllm.inputs": inputs}
+
+
+def test_vllm_backend_equals_hf_backend_through_score_completions(tiny, items, reference, monkeypatch):
+    import sys
+
+    calls = []
+    for name, module in _fake_vllm(tiny[0], calls).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    scorer = treg.scoring.VLLMScorer.from_pretrained("some/model", dtype="float32", gpu_memory_utilization=0.3)
+    assert calls[0] == (
+        "init",
+        {
+            "model": "some/model",
+            "dtype": "float32",
+            "gpu_memory_utilization": 0.3,
+            "seed": 0,
+            "skip_tokenizer_init": True,
+        },
+    )
+    with_empty = list(items) + [(items[0][0], [])]
+    got = score_completions(scorer, with_empty, batch_size=4)  # dispatches to the scorer
+    assert calls[1][:2] == ("generate", len(items))  # one request per non-empty item, all in one call
+    _assert_matches(got[:-1], reference)
+    hf = score_completions(tiny[0], items, batch_size=4)
+    _assert_matches(got[:-1], hf)  # tolerance 1e-5 in float32 (docs/scale-out.md)
+    assert got[-1].shape == (0,)
+
+
+def test_prompt_logprobs_conversion_names_the_item_and_position():
+    seq = [5, 6, 7]
+    plp = [None, {6: _Logprob(-1.5)}, {7: -0.25}]  # Logprob objects or plain floats
+    np.testing.assert_array_equal(treg.scoring.prompt_logprobs_to_array(plp, seq, 1), np.float32([-1.5, -0.25]))
+    with pytest.raises(ValueError, match=r"item 3, position 2: .*lack the prompt token 7"):
+        treg.scoring.prompt_logprobs_to_array([None, {6: -1.0}, {8: -0.1}], seq, 1, item=3)
+    with pytest.raises(ValueError, match=r"item 0: vLLM returned None of prompt_logprobs"):
+        treg.scoring.prompt_logprobs_to_array(None, seq, 1)
+
+
+@pytest.mark.parametrize(
+    "requested, installed, gpu, processes, path, expected",
+    [
+        ("auto", True, True, 1, "m", "vllm"),
+        ("auto", False, True, 1, "m", "hf"),  # not installed
+        ("auto", True, False, 1, "m", "hf"),  # no GPU
+        ("auto", True, True, 8, "m", "hf"),  # multi-process run: HF (vLLM runs in `treg rewards` on one GPU)
+        ("auto", True, True, 1, None, "hf"),  # weights only in memory
+        ("hf", True, True, 1, "m", "hf"),
+        ("vllm", True, True, 1, "m", "vllm"),
+    ],
+)
+def test_choose_backend(monkeypatch, requested, installed, gpu, processes, path, expected):
+    monkeypatch.setattr(treg.scoring, "vllm_available", lambda: installed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert treg.scoring.choose_backend(requested, num_processes=processes, model_path=path) == expected
+
+
+def test_choose_backend_vllm_says_why_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(treg.scoring, "vllm_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"vLLM is not installed.*no GPU is visible"):
+        treg.scoring.choose_backend("vllm", model_path="m")
+    with pytest.raises(ValueError, match="choose one of"):
+        treg.scoring.choose_backend("onnx")

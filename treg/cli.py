@@ -111,7 +111,9 @@ def load_model_and_tokenizer(model_args, config):
     if name == "treg:tiny":
         from treg.synthetic import load_tiny_model
 
-        model, tokenizer, _ = load_tiny_model(cache_dir=_cache_root(config))
+        # The embedded model lives in the default cache ($TREG_CACHE_DIR or ~/.cache/treg), not under the recipe's
+        # token_reward_cache_dir: a fresh token-reward cache must not rebuild it (and two processes racing to do so).
+        model, tokenizer, _ = load_tiny_model()
         return model, tokenizer
     kwargs = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.model_revision}
     dtype = model_args.dtype

@@ -13,12 +13,16 @@ What the subclass changes, and why:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, IterableDataset, concatenate_datasets
 from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -26,11 +30,14 @@ from trl.trainer.utils import pad
 
 from treg.data import PreferenceDataError, validate_preference_rows
 from treg.losses import BASE_LOSSES, DPO_VARIANTS, treg_loss
+from treg.scoring import BACKENDS, LockstepModel, VLLMScorer, choose_backend
 from treg.token_rewards import (
     CHOSEN_REWARDS,
     PER_TOKEN_COLUMNS,
     REF_CHOSEN,
+    REF_CHOSEN_SUM,
     REF_REJECTED,
+    REF_REJECTED_SUM,
     REF_TOKEN_COLUMNS,
     REJECTED_REWARDS,
     TOKEN_REWARD_COLUMNS,
@@ -38,6 +45,7 @@ from treg.token_rewards import (
     check_token_columns,
     kept_completion_length,
 )
+from treg.token_rewards import cache as token_cache
 from treg.token_rewards.contrastive import (
     DEFAULT_NEGATIVE_TEMPLATE,
     DEFAULT_POSITIVE_TEMPLATE,
@@ -70,6 +78,12 @@ class TRegConfig(DPOConfig):
         contrastive_positive_template, contrastive_negative_template: x⁺ and x⁻, each containing ``{prompt}``.
         token_reward_cache_dir: cache root (default ``$TREG_CACHE_DIR`` or ``~/.cache/treg``; "none" disables).
         token_reward_batch_size: rows per forward in the token-reward pass (also critic prompts per generate batch).
+        token_reward_shard_size: rows per shard of the token-reward pass; shards are spread over the processes,
+            written as they finish, and skipped when a crashed pass is rerun (docs/scale-out.md).
+        token_reward_backend: scoring backend of the pass: "auto" (vLLM when installed, a GPU is present and the run is
+            one process; else HF), "hf" or "vllm".
+        token_reward_vllm_gpu_memory: vLLM backend: fraction of GPU memory its engine may take (the policy is
+            already loaded on the same GPU).
         critic_model: for "critic": a path or hub id of a causal LM, ``treg:tiny``, or ``rule:toy`` (the rule critic
             of the toy task, :class:`treg.token_rewards.critic.RuleCritic`).
         critic_good_value, critic_bad_value: r̂ on tokens of GOOD / BAD spans, in [0, 0.5) and (−0.5, 0].
@@ -104,6 +118,15 @@ class TRegConfig(DPOConfig):
         default=None, metadata={"help": "Cache root for token rewards; 'none' disables caching."}
     )
     token_reward_batch_size: int = field(default=8, metadata={"help": "Rows per forward in the token-reward pass."})
+    token_reward_shard_size: int = field(
+        default=512, metadata={"help": "Rows per shard of the token-reward pass (spread over processes, resumable)."}
+    )
+    token_reward_backend: str = field(
+        default="auto", metadata={"help": "Scoring backend of the token-reward pass.", "choices": list(BACKENDS)}
+    )
+    token_reward_vllm_gpu_memory: float = field(
+        default=0.5, metadata={"help": "vLLM backend: fraction of GPU memory its engine may use."}
+    )
     critic_model: str | None = field(
         default=None, metadata={"help": "critic: path/hub id of the critic LM, treg:tiny, or rule:toy."}
     )
@@ -149,6 +172,15 @@ class TRegConfig(DPOConfig):
             raise ValueError(f"base_loss={self.base_loss!r}: choose one of {list(BASE_LOSSES)}.")
         if self.token_reward_source not in TOKEN_REWARD_SOURCES:
             raise ValueError(f"token_reward_source={self.token_reward_source!r}: choose one of {TOKEN_REWARD_SOURCES}.")
+        if self.token_reward_backend not in BACKENDS:
+            raise ValueError(f"token_reward_backend={self.token_reward_backend!r}: choose one of {list(BACKENDS)}.")
+        if self.token_reward_shard_size < 1 or self.token_reward_batch_size < 1:
+            raise ValueError("token_reward_shard_size and token_reward_batch_size must be ≥ 1, got "
+                             f"{self.token_reward_shard_size} and {self.token_reward_batch_size}.")
+        if not 0.0 < self.token_reward_vllm_gpu_memory <= 1.0:
+            raise ValueError(
+                f"token_reward_vllm_gpu_memory must be in (0, 1], got {self.token_reward_vllm_gpu_memory}."
+            )
         if self.token_reward_source == "dpo_derived" and self.needs_token_rewards and not self.token_reward_model:
             raise ValueError("token_reward_source='dpo_derived' needs token_reward_model: the trained DPO checkpoint.")
         if self.token_reward_source == "critic" and self.needs_token_rewards:
@@ -251,7 +283,6 @@ class TRegTrainer(DPOTrainer):
                 truncation_mode=args.truncation_mode,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
-
         if args.eval_hooks:
             from treg.evaluation.callback import EvalHookCallback
 
@@ -289,102 +320,235 @@ class TRegTrainer(DPOTrainer):
         ]
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-        """Attach per-token reference log-probs (DPO only) and r̂ (when α ≠ 0) instead of TRL's per-sequence sums.
+        """Attach per-token reference log-probs (DPO; or for DPO-derived r̂) and r̂ (when α ≠ 0) instead of TRL's
+        per-sequence sums, in one pass that is sharded across processes, cached and resumable.
 
         Columns the dataset already carries (supplied by the user or by `treg rewards`) are checked and kept: r̂ from
         another source is never replaced by contrastive rewards, and SimPO at α = 0 needs no pass at all.
+
+        Every source (contrastive, dpo_derived, critic) runs inside :func:`treg.token_rewards.cache.sharded_load_or_
+        compute`: process i scores shards i, i+N, ... of ``token_reward_shard_size`` rows, writes each atomically,
+        skips shards a crashed run already finished; the main process gathers them into one cache entry whose key
+        hashes model, tokenizer, data and settings (never the number of processes), and every process loads it.
         """
-        have = set(dataset.column_names)
-        need_ref = self.args.base_loss == "dpo" and not set(REF_TOKEN_COLUMNS) <= have
-        need_rewards = self.args.needs_token_rewards and not set(TOKEN_REWARD_COLUMNS) <= have
-        if not need_ref and not need_rewards:
-            check_token_columns(dataset, self.args.max_length)
-            return dataset
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            if self._precompute_engine is None:
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            model = self._precompute_engine
-        else:
-            model = self.ref_model or self.model
         args = self.args
-        source = args.token_reward_source if need_rewards else None
-        # The reference pass: per-token reference log-probs, plus r̂ when it is the contrastive source. DPO-derived
-        # r̂ is built from the reference log-probs, so it needs them even with a SimPO base; the critic does not.
-        if need_ref or source in ("contrastive", "dpo_derived"):
-            dataset = attach_contrastive_rewards(
-                dataset,
-                model,
+        have = set(dataset.column_names)
+        need_ref = args.base_loss == "dpo" and not set(REF_TOKEN_COLUMNS) <= have
+        need_rewards = args.needs_token_rewards and not set(TOKEN_REWARD_COLUMNS) <= have
+        if not need_ref and not need_rewards:
+            check_token_columns(dataset, args.max_length)
+            return dataset
+        plan = _PassPlan.make(need_ref, args.token_reward_source if need_rewards else None, have)
+        acc = self.accelerator
+        state: dict[str, Any] = {}
+
+        def compute_rows(start: int, stop: int) -> dict[str, list]:
+            return self._token_pass_rows(dataset.select(range(start, stop)), plan, state)
+
+        def finish() -> None:
+            if isinstance(state.get("ref"), LockstepModel):
+                state["ref"].finish()
+
+        from accelerate.utils import gather_object
+
+        try:
+            columns = token_cache.sharded_load_or_compute(
+                compute_rows,
+                len(dataset),
+                cache_dir=args.token_reward_cache_dir,
+                entry=self._token_pass_entry(dataset, plan),
+                what=f"Token-reward pass ({name}: {plan.describe()})",
+                shard_size=args.token_reward_shard_size,
+                process_index=acc.process_index,
+                num_processes=acc.num_processes,
+                wait_for_everyone=acc.wait_for_everyone,
+                gather_object=gather_object,
+                prepare=lambda: state.update(self._token_pass_models(plan)),
+                finish=finish,
+                show_progress=not args.disable_tqdm and acc.is_main_process,
+            )
+        finally:
+            for key in ("ref", "dpo"):
+                if isinstance(state.get(key), VLLMScorer):
+                    state[key].close()
+            state.clear()  # drops the DPO model / critic loaded for the pass
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if len(columns) != len(dataset):
+            raise TokenRewardError(
+                f"the token-reward cache holds {len(columns)} rows for the {len(dataset)} rows of {name}; delete the "
+                "stale entry under token_reward_cache_dir/token_rewards/ and rerun."
+            )
+        dataset = dataset.remove_columns([c for c in columns.column_names if c in dataset.column_names])
+        dataset = concatenate_datasets([dataset, columns], axis=1)
+        check_token_columns(dataset, args.max_length)
+        return dataset
+
+    def _token_pass_entry(self, dataset: Dataset, plan: _PassPlan) -> str:
+        """Cache entry name: a hash of the reference weights, tokenizer, data, max_length and the source's settings.
+        Rank 0's value is broadcast (under ZeRO-3 each rank hashes only its own partition of the weights)."""
+        from accelerate.utils import broadcast_object_list
+
+        args, tok = self.args, self._tokenizer
+        settings: dict[str, Any] = {
+            "version": PASS_CACHE_VERSION,
+            "plan": plan.describe(),
+            "model": self._precompute_model_hash,
+            "dtype": str(next(self.model.parameters()).dtype),
+            "tokenizer": type(tok).__name__,
+            "vocab": len(tok),
+            "chat_template": getattr(tok, "chat_template", None),
+            "max_length": args.max_length,
+        }
+        if plan.source == "contrastive":
+            settings["templates"] = [args.contrastive_positive_template, args.contrastive_negative_template]
+        elif plan.source == "dpo_derived":
+            settings["dpo_model"] = [args.token_reward_model, _weights_stamp(args.token_reward_model)]
+            settings["scale"] = args.token_reward_scale
+        elif plan.source == "critic":
+            settings["critic"] = [args.critic_model, _weights_stamp(args.critic_model), args.critic_good_value,
+                                  args.critic_bad_value, args.critic_few_shot, args.critic_task_description,
+                                  args.critic_use_extrinsic, args.critic_max_new_tokens]
+        text_columns = ["prompt", "chosen", "rejected"]
+        if plan.source == "critic" and args.critic_use_extrinsic:
+            text_columns += ["score_chosen", "score_rejected"]
+        settings["texts"] = _texts_digest(dataset, text_columns)
+        ids = [dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]]
+        key = [f"{PASS_CACHE_VERSION}-{token_cache.fingerprint(settings, ids)[:24]}"]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(key, from_process=0)
+        return key[0]
+
+    def _token_pass_models(self, plan: _PassPlan) -> dict[str, Any]:
+        """The scorers the pass needs, built on every process before the first shard (only when the cache entry is
+        incomplete): the reference model (HF, a ZeRO inference engine wrapped in LockstepModel under ZeRO-3, or vLLM)
+        and, per source, the DPO model or the critic."""
+        args = self.args
+        state: dict[str, Any] = {}
+        if plan.run_reference:
+            ref_path = _weights_path(self.ref_model or self.model)
+            backend = choose_backend(
+                args.token_reward_backend, num_processes=self.accelerator.num_processes, model_path=ref_path
+            )
+            if backend == "vllm":
+                state["ref"] = VLLMScorer.from_pretrained(
+                    ref_path, dtype=_vllm_dtype(self.model), gpu_memory_utilization=args.token_reward_vllm_gpu_memory
+                )
+            elif self.ref_model is None and self.is_deepspeed_enabled:
+                if self._precompute_engine is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                state["ref"] = self._precompute_engine
+                if self._zero_stage() == 3 and self.accelerator.num_processes > 1:
+                    state["ref"] = LockstepModel(self._precompute_engine, device=self.accelerator.device)
+            else:
+                state["ref"] = self.ref_model or self.model
+        if plan.source == "dpo_derived":
+            state["dpo"] = self._load_dpo_derived_model()
+        elif plan.source == "critic":
+            state["critic"] = self._load_critic()
+        return state
+
+    def _token_pass_rows(self, rows: Dataset, plan: _PassPlan, state: dict[str, Any]) -> dict[str, list]:
+        """The pass on a few rows (one shard), uncached: the columns ``plan`` writes, as lists."""
+        args = self.args
+        out = rows
+        if plan.run_reference:
+            out = attach_contrastive_rewards(
+                out,
+                state["ref"],
                 self._tokenizer,
                 model_hash=self._precompute_model_hash,
                 max_length=args.max_length,
-                with_rewards=source == "contrastive",
+                with_rewards=plan.source == "contrastive",
+                with_reference=plan.with_reference,
                 positive_template=args.contrastive_positive_template,
                 negative_template=args.contrastive_negative_template,
-                cache_dir=args.token_reward_cache_dir,
+                cache_dir="none",
                 batch_size=args.token_reward_batch_size,
-                show_progress=not args.disable_tqdm and self.accelerator.is_main_process,
-                main_process_first=self.accelerator.main_process_first,
+                show_progress=False,
             )
-        if source == "dpo_derived":
-            dataset = self._attach_dpo_derived_rewards(dataset, model)
-        elif source == "critic":
-            dataset = self._attach_critic_rewards(dataset, model)
-        return dataset
+        if plan.source == "dpo_derived":
+            out = self._attach_dpo_derived_rewards(out, state["dpo"])
+        elif plan.source == "critic":
+            out = self._attach_critic_rewards(out, state["critic"])
+        return {c: out[c] for c in plan.written}
 
-    def _attach_dpo_derived_rewards(self, dataset: Dataset, ref_model) -> Dataset:
+    def _zero_stage(self) -> int:
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        return int(plugin.zero_stage) if plugin is not None else 0
+
+    def _no_zero3_init(self):
+        """Load auxiliary models whole on each process: under ZeRO-3's zero.Init, ``from_pretrained`` would partition
+        them, and only a DeepSpeed engine can run partitioned weights."""
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+
+    def _load_dpo_derived_model(self):
         from transformers import AutoModelForCausalLM
 
+        args = self.args
+        backend = choose_backend(
+            args.token_reward_backend, num_processes=self.accelerator.num_processes, model_path=args.token_reward_model
+        )
+        if backend == "vllm":
+            return VLLMScorer.from_pretrained(
+                args.token_reward_model, dtype=_vllm_dtype(self.model),
+                gpu_memory_utilization=args.token_reward_vllm_gpu_memory,
+            )
+        param = next(self.model.parameters())
+        device = self.accelerator.device if self.is_deepspeed_enabled else param.device
+        with self._no_zero3_init():
+            model = AutoModelForCausalLM.from_pretrained(args.token_reward_model, dtype=param.dtype)
+        return model.to(device).eval()
+
+    def _attach_dpo_derived_rewards(self, dataset: Dataset, dpo_model) -> Dataset:
         from treg.token_rewards.dpo_derived import attach_dpo_derived_rewards
 
         args = self.args
-        param = next(ref_model.parameters())
-        dpo_model = AutoModelForCausalLM.from_pretrained(args.token_reward_model, dtype=param.dtype).to(param.device)
-        out = attach_dpo_derived_rewards(
+        return attach_dpo_derived_rewards(
             dataset,
             dpo_model,
             self._tokenizer,
             max_length=args.max_length,
             scale=args.token_reward_scale,
             batch_size=args.token_reward_batch_size,
-            show_progress=not args.disable_tqdm and self.accelerator.is_main_process,
+            show_progress=False,
         )
-        del dpo_model
-        return out
 
-    def _attach_critic_rewards(self, dataset: Dataset, ref_model) -> Dataset:
-        from treg.token_rewards.critic import (
-            DEFAULT_FEW_SHOT,
-            DEFAULT_TASK_DESCRIPTION,
-            HFCritic,
-            RuleCritic,
-            attach_critic_rewards,
-        )
+    def _load_critic(self) -> dict[str, Any]:
+        from treg.token_rewards.critic import HFCritic, RuleCritic
 
         args = self.args
-        name, critic_model = args.critic_model, None
+        name = args.critic_model
         if name == "rule:toy":
-            critic, critic_id = RuleCritic(), RuleCritic.critic_id
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-            from trl.trainer.utils import hash_module
+            return {"critic": RuleCritic(), "critic_id": RuleCritic.critic_id}
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl.trainer.utils import hash_module
 
-            param = next(ref_model.parameters())
+        param = next(self.model.parameters())
+        device = self.accelerator.device if self.is_deepspeed_enabled else param.device
+        with self._no_zero3_init():
             if name == "treg:tiny":
                 from treg.synthetic import load_tiny_model
 
                 critic_model, critic_tokenizer, _ = load_tiny_model(show_progress=False)
-                critic_model = critic_model.to(param.device)
             else:
-                critic_model = AutoModelForCausalLM.from_pretrained(name, dtype=param.dtype).to(param.device)
+                critic_model = AutoModelForCausalLM.from_pretrained(name, dtype=param.dtype)
                 critic_tokenizer = AutoTokenizer.from_pretrained(name)
-            critic = HFCritic(critic_model, critic_tokenizer, max_new_tokens=args.critic_max_new_tokens,
-                              batch_size=args.token_reward_batch_size)
-            critic_id = f"hf:{name}:{hash_module(critic_model)}:{args.critic_max_new_tokens}"
-        out = attach_critic_rewards(
+        critic_model = critic_model.to(device)
+        critic = HFCritic(critic_model, critic_tokenizer, max_new_tokens=args.critic_max_new_tokens,
+                          batch_size=args.token_reward_batch_size)
+        return {"critic": critic, "critic_id": f"hf:{name}:{hash_module(critic_model)}:{args.critic_max_new_tokens}"}
+
+    def _attach_critic_rewards(self, dataset: Dataset, loaded: dict[str, Any]) -> Dataset:
+        from treg.token_rewards.critic import DEFAULT_FEW_SHOT, DEFAULT_TASK_DESCRIPTION, attach_critic_rewards
+
+        args = self.args
+        return attach_critic_rewards(
             dataset,
-            critic,
+            loaded["critic"],
             self._tokenizer,
-            critic_id=critic_id,
+            critic_id=loaded["critic_id"],
             max_length=args.max_length,
             task_description=args.critic_task_description or DEFAULT_TASK_DESCRIPTION,
             few_shot=DEFAULT_FEW_SHOT[: args.critic_few_shot],
@@ -392,12 +556,9 @@ class TRegTrainer(DPOTrainer):
             good_value=args.critic_good_value,
             bad_value=args.critic_bad_value,
             batch_size=max(args.token_reward_batch_size, 64),
-            cache_dir=args.token_reward_cache_dir,
-            show_progress=not args.disable_tqdm and self.accelerator.is_main_process,
-            main_process_first=self.accelerator.main_process_first,
+            cache_dir="none",
+            show_progress=False,
         )
-        del critic_model
-        return out
 
     # ----------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -465,6 +626,71 @@ class TRegTrainer(DPOTrainer):
         add("treg/weight", out.weights)
         if not torch.isnan(out.chosen_token_agreement).all():
             add("treg/token_agreement", torch.cat([out.chosen_token_agreement, out.rejected_token_agreement]))
+
+
+# ------------------------------------------------------------------------------------------ token-reward pass helpers
+PASS_CACHE_VERSION = "pass-v1"
+
+
+@dataclass(frozen=True)
+class _PassPlan:
+    """What one token-reward pass computes. ``with_reference``: per-token reference log-probs under x (DPO base, or
+    the input of DPO-derived r̂); ``source``: the r̂ source, or None; ``written``: the columns it adds."""
+
+    with_reference: bool
+    source: str | None
+    written: tuple[str, ...]
+
+    @classmethod
+    def make(cls, need_ref: bool, source: str | None, have: set[str]) -> _PassPlan:
+        with_reference = need_ref or (source == "dpo_derived" and not set(REF_TOKEN_COLUMNS) <= have)
+        written = (REF_CHOSEN, REF_REJECTED, REF_CHOSEN_SUM, REF_REJECTED_SUM) if with_reference else ()
+        return cls(with_reference, source, written + (TOKEN_REWARD_COLUMNS if source else ()))
+
+    @property
+    def run_reference(self) -> bool:
+        """Whether the reference model scores anything (x for log-probs, x⁺/x⁻ for contrastive r̂)."""
+        return self.with_reference or self.source == "contrastive"
+
+    def describe(self) -> str:
+        parts = (["reference log-probs"] if self.with_reference else []) + ([f"{self.source} r̂"] if self.source else [])
+        return " + ".join(parts)
+
+
+def _texts_digest(dataset: Dataset, columns: list[str]) -> str:
+    """sha256 of the JSON of the given columns (those present), row by row."""
+    h = hashlib.sha256()
+    for col in columns:
+        if col in dataset.column_names:
+            h.update(col.encode())
+            for value in dataset[col]:
+                h.update(json.dumps(value, sort_keys=True, default=str).encode())
+                h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _weights_stamp(name: str | None) -> list | None:
+    """For a local checkpoint folder, (file, size, mtime) of its weight files, so a retrained checkpoint at the same
+    path changes the cache key; None for hub ids and the embedded models."""
+    if not name or not os.path.isdir(name):
+        return None
+    files = sorted(f for f in os.listdir(name) if f.endswith((".safetensors", ".bin", ".pt")))
+    return [[f, os.stat(os.path.join(name, f)).st_size, os.stat(os.path.join(name, f)).st_mtime_ns] for f in files]
+
+
+def _weights_path(model) -> str | None:
+    """Where ``model``'s weights can be loaded from (a folder with a config, or a hub id), or None."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+    if not name:
+        return None
+    if os.path.isdir(name):
+        return name if os.path.isfile(os.path.join(name, "config.json")) else None
+    return name if "/" in name and not name.startswith((".", "/")) else None
+
+
+def _vllm_dtype(model) -> str:
+    dtype = next(model.parameters()).dtype
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(dtype, "auto")
 
 
 __all__ = ["TRegConfig", "TRegTrainer", "DataCollatorForTReg", "CHOSEN_REWARDS", "REJECTED_REWARDS", "REF_CHOSEN",

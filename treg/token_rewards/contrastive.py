@@ -6,7 +6,8 @@ The frozen reference model scores the same response tokens under two prompts tha
     r̂_t = σ( log π_ref(y_t | x⁺, y_<t) − log π_ref(y_t | x⁻, y_<t) ) − 0.5        ∈ (−0.5, 0.5)
 
 In the same pass the per-token reference log-probs under the plain prompt ``x`` are computed, so training needs no
-reference model in memory.
+reference model in memory. Forwards per response: 3 (``x``, ``x⁺``, ``x⁻``) with a DPO base; 2 (``x⁺``, ``x⁻``)
+with ``with_reference=False`` (a SimPO base needs no reference log-probs).
 
 The paper does not publish its prompt wording; the defaults below are ours **(choice)** and a recipe overrides them
 with ``contrastive_positive_template`` / ``contrastive_negative_template`` (each must contain ``{prompt}``). For
@@ -39,12 +40,8 @@ from treg.token_rewards import cache as cache_lib
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_POSITIVE_TEMPLATE = (
-    "{prompt}\n\nWrite the best possible response: helpful, correct, coherent and concise."
-)
-DEFAULT_NEGATIVE_TEMPLATE = (
-    "{prompt}\n\nWrite a poor response: unhelpful, incorrect, incoherent and verbose."
-)
+DEFAULT_POSITIVE_TEMPLATE = "{prompt}\n\nWrite the best possible response: helpful, correct, coherent and concise."
+DEFAULT_NEGATIVE_TEMPLATE = "{prompt}\n\nWrite a poor response: unhelpful, incorrect, incoherent and verbose."
 CACHE_VERSION = "contrastive-v1"
 
 
@@ -68,8 +65,12 @@ def render_prompt_ids(tokenizer, prompt, template: str) -> list[int]:
     return list(out["input_ids"])
 
 
-def _settings(tokenizer, positive_template, negative_template, max_length, with_rewards, model_hash, dtype) -> dict:
+def _settings(
+    tokenizer, positive_template, negative_template, max_length, with_rewards, model_hash, dtype, with_reference=True
+) -> dict:
+    extra = {} if with_reference else {"with_reference": False}  # keeps the keys of existing 3-context entries
     return {
+        **extra,
         "version": CACHE_VERSION,
         "model": model_hash,
         "dtype": str(dtype),
@@ -92,14 +93,18 @@ def compute_columns(
     max_length: int | None,
     batch_size: int = 8,
     show_progress: bool = True,
+    with_reference: bool = True,
 ) -> dict[str, list]:
-    """Score every kept chosen/rejected token under x (and x⁺, x⁻ when their ids are given).
+    """Score every kept chosen/rejected token under x (unless ``with_reference=False``) and under x⁺, x⁻ (when their
+    ids are given), in one call to the scoring engine so that all contexts share length-sorted batches.
 
     ``dataset`` is tokenized the trainer's way (``prompt_ids``, ``chosen_ids``, ``rejected_ids``).
     """
+    if not with_reference and positive_ids is None:
+        raise ValueError("compute_columns: nothing to compute (with_reference=False and no x⁺/x⁻ ids).")
     prompts = list(dataset["prompt_ids"])
     sides = {"chosen": list(dataset["chosen_ids"]), "rejected": list(dataset["rejected_ids"])}
-    contexts = {"plain": prompts}
+    contexts = {"plain": prompts} if with_reference else {}
     if positive_ids is not None:
         contexts.update(positive=positive_ids, negative=negative_ids)
     items, index = [], {}
@@ -110,7 +115,7 @@ def compute_columns(
                 index[(ctx_name, side, row)] = len(items)
                 items.append((ctx_ids[row], kept))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    desc = "Token rewards (x, x+, x-)" if positive_ids is not None else "Reference log-probs"
+    desc = "Reference log-probs" if positive_ids is None else f"Token rewards ({', '.join(contexts)})"
     logps = score_completions(
         model, items, batch_size=batch_size, pad_token_id=pad_id, desc=desc, show_progress=show_progress
     )
@@ -120,15 +125,23 @@ def compute_columns(
         ("chosen", REF_CHOSEN, REF_CHOSEN_SUM, CHOSEN_REWARDS),
         ("rejected", REF_REJECTED, REF_REJECTED_SUM, REJECTED_REWARDS),
     ):
-        plain = [logps[index[("plain", side, r)]] for r in range(len(prompts))]
-        columns[ref_col] = [lp.tolist() for lp in plain]
-        columns[sum_col] = [float(lp.astype(np.float64).sum()) for lp in plain]
+        if with_reference:
+            plain = [logps[index[("plain", side, r)]] for r in range(len(prompts))]
+            columns[ref_col] = [lp.tolist() for lp in plain]
+            columns[sum_col] = [float(lp.astype(np.float64).sum()) for lp in plain]
         if positive_ids is not None:
             columns[rew_col] = [
                 contrastive_rewards(logps[index[("positive", side, r)]], logps[index[("negative", side, r)]]).tolist()
                 for r in range(len(prompts))
             ]
     return columns
+
+
+def model_dtype(model):
+    """The dtype a model (or a scorer backend with a ``dtype`` attribute) scores in; part of cache keys."""
+    if hasattr(model, "score_items"):
+        return getattr(model, "dtype", None)
+    return next(model.parameters()).dtype
 
 
 def contrastive_rewards(positive_logps: np.ndarray, negative_logps: np.ndarray) -> np.ndarray:
@@ -147,6 +160,7 @@ def attach_contrastive_rewards(
     model_hash: str,
     max_length: int | None,
     with_rewards: bool = True,
+    with_reference: bool = True,
     positive_template: str = DEFAULT_POSITIVE_TEMPLATE,
     negative_template: str = DEFAULT_NEGATIVE_TEMPLATE,
     cache_dir: str | None = None,
@@ -162,6 +176,7 @@ def attach_contrastive_rewards(
         model_hash: identifies the weights (e.g. ``trl.trainer.utils.hash_module``); part of the cache key.
         max_length: the trainer's ``max_length``; values are stored for the kept completion tokens only.
         with_rewards: False computes only the reference log-probs (no x⁺/x⁻ passes), e.g. for α = 0.
+        with_reference: False skips the reference log-probs under x (a SimPO base needs none): 2 forwards, not 3.
         cache_dir: where entries live (default ``$TREG_CACHE_DIR`` or ``~/.cache/treg``); ``"none"`` disables it.
         main_process_first: a context-manager factory (``accelerator.main_process_first``) so that in a distributed
             run one process computes and the others read the cache.
@@ -173,8 +188,10 @@ def attach_contrastive_rewards(
         prompts = dataset["prompt"]
         positive_ids = [render_prompt_ids(tokenizer, p, positive_template) for p in prompts]
         negative_ids = [render_prompt_ids(tokenizer, p, negative_template) for p in prompts]
-    dtype = next(model.parameters()).dtype
-    settings = _settings(tokenizer, positive_template, negative_template, max_length, with_rewards, model_hash, dtype)
+    dtype = model_dtype(model)
+    settings = _settings(
+        tokenizer, positive_template, negative_template, max_length, with_rewards, model_hash, dtype, with_reference
+    )
     id_columns = [dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]]
     if with_rewards:
         id_columns += [positive_ids, negative_ids]
@@ -190,10 +207,14 @@ def attach_contrastive_rewards(
             max_length=max_length,
             batch_size=batch_size,
             show_progress=show_progress,
+            with_reference=with_reference,
         )
 
     columns = cache_lib.load_or_compute(
-        compute, cache_dir=cache_dir, entry=f"{CACHE_VERSION}-{key[:24]}", what="Token rewards",
+        compute,
+        cache_dir=cache_dir,
+        entry=f"{CACHE_VERSION}-{key[:24]}",
+        what="Token rewards",
         main_process_first=main_process_first,
     )
     if len(columns) != len(dataset):
