@@ -1,6 +1,7 @@
 """Multi-process training on CPU, launched the way README launches it (`accelerate launch --config_file ds_configs/...
 -m treg train --config recipes/...`): 2 DDP processes (gloo) train the tiny recipe to the same losses and weights
-as 1 process with the same global batch, and DeepSpeed ZeRO-2 on 2 CPU processes matches DDP.
+as 1 process with the same global batch, and DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes match DDP; under ZeRO-3 the
+token-reward pass, run through the partitioned engine, writes the very entry (name and values) of the 1-process pass.
 
 Two-process CPU runs occasionally abort at interpreter exit after they finished (seen ~3 in 40). A run counts as
 finished only when its final weights, its checkpoint's trainer_state.json and the "saved to" line exist; only then is
@@ -56,7 +57,9 @@ def finished(out_dir: Path, stdout: str) -> bool:
     )
 
 
-def launch(config_file: str, out_dir: Path, port: int, per_device_batch: int = 4, timeout: int = 400) -> dict:
+def launch(
+    config_file: str, out_dir: Path, port: int, per_device_batch: int = 4, timeout: int = 400, extra: tuple = ()
+) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -75,6 +78,7 @@ def launch(config_file: str, out_dir: Path, port: int, per_device_batch: int = 4
         "--per_device_train_batch_size",
         str(per_device_batch),
         *TRAIN_FLAGS,
+        *extra,
     ]
     # TREG_CACHE_DIR (set by conftest) carries over, so the processes reuse the session's tiny model.
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
@@ -136,3 +140,27 @@ def test_deepspeed_zero2_on_two_cpu_processes_matches_ddp(ddp, tmp_path):
     assert len(zero2["losses"]) == STEPS
     torch.testing.assert_close(zero2["losses"], ddp["losses"], atol=1e-5, rtol=0)
     assert max_weight_diff(zero2["weights"], ddp["weights"]) < 1e-5
+
+
+def test_deepspeed_zero3_on_two_cpu_processes_matches_ddp_and_shares_the_pass_cache(single, ddp, tmp_path):
+    """ZeRO-3 partitions the weights at load time: the pass runs through the engine (LockstepModel, unequal shards:
+    process 1 has none) in a fresh cache, and must land in the 1-process entry, with the same values."""
+    from datasets import load_from_disk
+
+    cache = tmp_path / "cache"
+    zero3 = launch(
+        "ds_configs/cpu_2proc_zero3.yaml", tmp_path / "run", port=29523, timeout=600,
+        extra=("--token_reward_cache_dir", str(cache)),
+    )
+    assert len(zero3["losses"]) == STEPS
+    torch.testing.assert_close(zero3["losses"], ddp["losses"], atol=1e-5, rtol=0)
+    assert max_weight_diff(zero3["weights"], ddp["weights"]) < 1e-5
+    entries = sorted(p.name for p in (cache / "token_rewards").iterdir() if p.name.startswith("pass-"))
+    assert entries, "the ZeRO-3 run wrote no token-reward entry"
+    for entry in entries:  # the train split (32 rows) and the recipe's eval split
+        single_entry = Path(os.environ["TREG_CACHE_DIR"]) / "token_rewards" / entry
+        assert single_entry.is_dir(), f"ZeRO-3 wrote {entry}, which the 1-process run did not: the keys differ"
+        a, b = load_from_disk(str(cache / "token_rewards" / entry)), load_from_disk(str(single_entry))
+        assert a.column_names == b.column_names and len(a) == len(b)
+        for col in a.column_names:
+            assert a[col] == b[col], (entry, col)

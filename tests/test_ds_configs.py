@@ -31,6 +31,7 @@ def test_the_expected_files_are_there():
     assert {p.name for p in YAMLS} == {
         "single_gpu.yaml", "single_gpu_zero3_offload.yaml", "zero2_8gpu.yaml", "zero3_8gpu.yaml",
         "zero3_offload_8gpu.yaml", "multinode_zero3.yaml", "cpu_2proc_ddp.yaml", "cpu_2proc_zero2.yaml",
+        "cpu_2proc_zero3.yaml",
     }  # fmt: skip
     assert (DS / "slurm_multinode.sh").is_file()
 

@@ -384,16 +384,47 @@ class TRegTrainer(DPOTrainer):
         check_token_columns(dataset, args.max_length)
         return dataset
 
+    def _reference_weights_hash(self) -> str:
+        """TRL's hash of the reference weights, the same whatever the number of processes or ZeRO stage.
+
+        TRL hashes ``state_dict()`` once in ``__init__``; under ZeRO-3 (``zero3_init_flag``) the parameters are already
+        partitioned there, so every rank hashes empty placeholders and the weights would not be in the key at all.
+        Then each partitioned tensor is gathered in turn (one at a time, so memory stays that of the largest tensor)
+        and hashed exactly as ``trl.trainer.utils.hash_module`` does, so ZeRO-3 runs and 1-process runs share entries.
+        """
+        if getattr(self, "_full_weights_hash", None) is not None:
+            return self._full_weights_hash
+        module = self.ref_model or self.model
+        state = module.state_dict(keep_vars=True)
+        if not any(hasattr(t, "ds_id") for t in state.values()):
+            self._full_weights_hash = self._precompute_model_hash
+            return self._full_weights_hash
+        import deepspeed
+
+        h = hashlib.sha256()
+        for _, tensor in sorted(state.items()):
+            if hasattr(tensor, "ds_id"):
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    tensor = tensor.data.detach().cpu().clone()
+            else:
+                tensor = tensor.detach().cpu()
+            h.update(str(tensor.dtype).encode())
+            if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+                tensor = tensor.to(torch.float32)
+            h.update(tensor.numpy().tobytes())
+        self._full_weights_hash = h.hexdigest()
+        return self._full_weights_hash
+
     def _token_pass_entry(self, dataset: Dataset, plan: _PassPlan) -> str:
         """Cache entry name: a hash of the reference weights, tokenizer, data, max_length and the source's settings.
-        Rank 0's value is broadcast (under ZeRO-3 each rank hashes only its own partition of the weights)."""
+        Rank 0's value is broadcast, so every process reads and writes the same entry."""
         from accelerate.utils import broadcast_object_list
 
         args, tok = self.args, self._tokenizer
         settings: dict[str, Any] = {
             "version": PASS_CACHE_VERSION,
             "plan": plan.describe(),
-            "model": self._precompute_model_hash,
+            "model": self._reference_weights_hash(),
             "dtype": str(next(self.model.parameters()).dtype),
             "tokenizer": type(tok).__name__,
             "vocab": len(tok),
