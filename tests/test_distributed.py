@@ -164,3 +164,24 @@ def test_deepspeed_zero3_on_two_cpu_processes_matches_ddp_and_shares_the_pass_ca
         assert a.column_names == b.column_names and len(a) == len(b)
         for col in a.column_names:
             assert a[col] == b[col], (entry, col)
+
+
+def test_rl_with_critic_rewards_on_two_ddp_processes(tiny, tmp_path):  # tiny: built once, before the processes
+    """`treg rl` (GRPO + rule-critic dense rewards) on 2 processes: it finishes, and the critic counters printed by the
+    main process are summed over both processes (2 steps × 2 processes × 32 completions = 128 samples)."""
+    out_dir = tmp_path / "rl"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "ds_configs/cpu_2proc_ddp.yaml"), "--main_process_port", "29524",
+        "-m", "treg", "rl", "--config", str(ROOT / "recipes/tiny/rl-relc.yaml"),
+        "--output_dir", str(out_dir), "--max_steps", "2", "--disable_tqdm", "true",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    log = f"exit {out.returncode}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-8000:]}"
+    assert f"saved to {out_dir}" in out.stdout and (out_dir / "model.safetensors").is_file(), log
+    if out.returncode != 0:
+        assert any(s in out.stderr for s in SIGNAL_DEATH), f"finished, then failed otherwise\n{log}"
+    critic_lines = [line for line in out.stdout.splitlines() if line.startswith("critic: ")]
+    assert len(critic_lines) == 1, log  # printed once, by the main process
+    assert "samples 128" in critic_lines[0] and "failures 0" in critic_lines[0], critic_lines

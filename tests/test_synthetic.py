@@ -115,3 +115,29 @@ def test_tiny_model_is_imperfect_but_competent_and_follows_quality_instructions(
         return sum(oracle(p, s.strip())[0] for p, t in zip(prompts, texts) for s in t) / (2 * len(prompts))
 
     assert score(DEFAULT_POSITIVE_TEMPLATE) > score(DEFAULT_NEGATIVE_TEMPLATE) + 0.3
+
+
+def test_concurrent_processes_build_the_tiny_model_once(tmp_path):
+    """Two processes asking for an uncached model at once (as `accelerate launch` does): one builds under the lock,
+    the other waits and loads it; both succeed and get the same weights."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from treg.synthetic import TinyModelRecipe, load_tiny_model\n"
+        "m, _, path = load_tiny_model(TinyModelRecipe(pretrain_steps=3, sft_steps=3), cache_dir=sys.argv[1],"
+        " show_progress=False)\n"
+        "print(path, float(sum(p.double().sum() for p in m.parameters())))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    last = [out.strip().splitlines()[-1] for out, _ in outs]
+    assert last[0] == last[1]  # same path, same weights
+    built = [d for d in (tmp_path / "models").iterdir() if d.is_dir()]
+    assert len(built) == 1 and not [d for d in built if d.name.startswith(".tmp-")]

@@ -18,6 +18,7 @@ pairs from its samples the way the T-REG and SimPO papers do, with :func:`oracle
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -304,24 +305,37 @@ def load_tiny_model(
     """Build (or load from the cache) the tiny SFT model and its tokenizer. Returns (model, tokenizer, path)."""
     path = os.path.join(cache_dir or default_cache_dir(), "models", f"tiny-{recipe.key()}")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        tokenizer = build_tokenizer()
-        model = new_tiny_model(
-            len(tokenizer), recipe, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-        )
-        sft_tiny_model(model, tokenizer, recipe, show_progress=show_progress)
+        # Several processes (accelerate launch, bench workers) may ask at once: one builds, the others wait for it.
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
-        try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if not os.path.isdir(path):
-                os.rename(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("tiny model built and cached at %s", path)
+        with open(path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not os.path.isfile(os.path.join(path, "config.json")):
+                    _build_tiny_model(recipe, path, show_progress)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
     model = LlamaForCausalLM.from_pretrained(path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     return model, tokenizer, path
+
+
+def _build_tiny_model(recipe: TinyModelRecipe, path: str, show_progress: bool) -> None:
+    """Pretrain and instruction-tune the tiny model, then save it to ``path`` atomically (temp folder + rename)."""
+    tokenizer = build_tokenizer()
+    model = new_tiny_model(
+        len(tokenizer), recipe, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    sft_tiny_model(model, tokenizer, recipe, show_progress=show_progress)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not os.path.isdir(path):
+            os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("tiny model built and cached at %s", path)
 
 
 # ------------------------------------------------------------------------------------------------ on-policy pairs
