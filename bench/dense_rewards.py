@@ -108,7 +108,7 @@ def eval_exact(model, tokenizer, prompts, seed: int) -> float:
     return out["exact_match"]
 
 
-def run_one(arm: str, seed: int, size: str, work_dir: str) -> dict:
+def run_one(arm: str, seed: int, size: str, work_dir: str, lengths: tuple[int, int] = (3, 6)) -> dict:
     """Train one arm with one seed; returns its curves and counters."""
     import torch
     from datasets import Dataset
@@ -120,8 +120,10 @@ def run_one(arm: str, seed: int, size: str, work_dir: str) -> dict:
     torch.set_num_threads(1)
     s = SIZES[size]
     model, tokenizer, _ = load_tiny_model(show_progress=False)
-    eval_prompts = task_prompts(s["eval_prompts"], seed=10_000)  # the same held-out prompts for every run
-    train_prompts = task_prompts(s["train_prompts"], seed=seed, exclude=set(eval_prompts))
+    lo, hi = lengths
+    # the same held-out prompts for every run
+    eval_prompts = task_prompts(s["eval_prompts"], seed=10_000, min_len=lo, max_len=hi)
+    train_prompts = task_prompts(s["train_prompts"], seed=seed, exclude=set(eval_prompts), min_len=lo, max_len=hi)
     train = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in train_prompts]})
     batch = s["prompts_per_step"] * NUM_GENERATIONS
     settings = dict(ARMS[arm])
@@ -299,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="PNG of the curves")
     p.add_argument("--workers", type=int, default=1, help="processes (one torch thread each)")
     p.add_argument("--work-dir", default=None, help="trainer output dirs (default: a temporary folder)")
+    p.add_argument(
+        "--task-lengths", type=int, nargs=2, default=[3, 6], metavar=("MIN", "MAX"),
+        help="digits per toy task (3 6: the model's training range; 6 7: a hard setting where the sparse reward "
+        "rarely fires)",
+    )
     args = p.parse_args(argv)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
     load_start = os.getloadavg()
@@ -308,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     load_tiny_model(show_progress=True)  # build the cached model once, before any worker needs it
     jobs = [(arm, seed, size) for seed in args.seeds for arm in args.arms]
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="treg-dense-")
-    jobs = [(*j, work_dir) for j in jobs]
+    jobs = [(*j, work_dir, tuple(args.task_lengths)) for j in jobs]
     from tqdm.auto import tqdm
 
     runs = []
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_generations": NUM_GENERATIONS,
             "learning_rate": LEARNING_RATE,
             "extrinsic_reward": "toy:exact",
-            "task_lengths": "3-6",
+            "task_lengths": f"{args.task_lengths[0]}-{args.task_lengths[1]}",
             "temperature": 1.0,
             "beta": 0.0,
         },

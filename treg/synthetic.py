@@ -339,11 +339,14 @@ def _build_tiny_model(recipe: TinyModelRecipe, path: str, show_progress: bool) -
 
 
 # ------------------------------------------------------------------------------------------------ on-policy pairs
-def task_prompts(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
-    """``n`` distinct toy prompts drawn with ``seed``, none of them in ``exclude`` (e.g. the training prompts)."""
+def task_prompts(
+    n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset(), min_len: int = 3, max_len: int = 6
+) -> list[str]:
+    """``n`` distinct toy prompts of ``min_len``..``max_len`` digits drawn with ``seed``, none of them in ``exclude``
+    (e.g. the training prompts)."""
     rng, out, seen = random.Random(seed), [], set(exclude)
     while len(out) < n:
-        prompt = random_task(rng).prompt
+        prompt = random_task(rng, min_len, max_len).prompt
         if prompt not in seen:
             seen.add(prompt)
             out.append(prompt)
