@@ -279,7 +279,9 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_backend(requested: str = "auto", *, num_processes: int = 1, model_path: str | None = None) -> str:
+def choose_backend(
+    requested: str = "auto", *, num_processes: int = 1, model_path: str | None = None, verbose: bool = True
+) -> str:
     """``"hf"`` or ``"vllm"`` for the token-reward pass.
 
     ``auto`` picks vLLM when it is installed, a GPU is present, the run is a single process and the weights are on
@@ -305,7 +307,8 @@ def choose_backend(requested: str = "auto", *, num_processes: int = 1, model_pat
         return "vllm"
     if requested == "vllm":
         raise ValueError("token_reward_backend='vllm' cannot run: " + "; ".join(reasons) + ".")
-    logger.info("token-reward pass: HF backend (%s)", "; ".join(reasons))
+    if verbose:  # the main process says it once, not every process
+        logger.info("token-reward pass: HF backend (%s)", "; ".join(reasons))
     return "hf"
 
 

@@ -459,7 +459,8 @@ class TRegTrainer(DPOTrainer):
         if plan.run_reference:
             ref_path = _weights_path(self.ref_model or self.model)
             backend = choose_backend(
-                args.token_reward_backend, num_processes=self.accelerator.num_processes, model_path=ref_path
+                args.token_reward_backend, num_processes=self.accelerator.num_processes, model_path=ref_path,
+                verbose=self.accelerator.is_main_process,
             )
             if backend == "vllm":
                 state["ref"] = VLLMScorer.from_pretrained(
@@ -519,7 +520,8 @@ class TRegTrainer(DPOTrainer):
 
         args = self.args
         backend = choose_backend(
-            args.token_reward_backend, num_processes=self.accelerator.num_processes, model_path=args.token_reward_model
+            args.token_reward_backend, num_processes=self.accelerator.num_processes, model_path=args.token_reward_model,
+            verbose=self.accelerator.is_main_process,
         )
         if backend == "vllm":
             return VLLMScorer.from_pretrained(
