@@ -50,14 +50,6 @@ ARMS = {
         critic_bad_value=-0.25,
         critic_threshold=0.5,
     ),
-    "rule_g0": dict(
-        critic_model="rule:toy",
-        critic_alpha_in=4.0,
-        critic_gamma=0.0,
-        critic_good_value=0.0,
-        critic_bad_value=-0.25,
-        critic_threshold=0.5,
-    ),
     "llm": dict(
         critic_model="treg:tiny",
         critic_alpha_in=4.0,
@@ -69,6 +61,8 @@ ARMS = {
         critic_few_shot=2,
     ),
 }
+ARMS["rule_g0"] = {**ARMS["rule"], "critic_gamma": 0.0}  # the same perfect critic, penalty only on defect tokens
+ARMS = {k: ARMS[k] for k in ("sparse", "rule", "rule_g0", "llm")}  # report order
 SIZES = {
     # steps, eval_every, train prompts, eval prompts, prompts per step
     "quick": dict(steps=40, eval_every=5, train_prompts=512, eval_prompts=256, prompts_per_step=8),
