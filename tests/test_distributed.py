@@ -185,3 +185,30 @@ def test_rl_with_critic_rewards_on_two_ddp_processes(tiny, tmp_path):  # tiny: b
     critic_lines = [line for line in out.stdout.splitlines() if line.startswith("critic: ")]
     assert len(critic_lines) == 1, log  # printed once, by the main process
     assert "samples 128" in critic_lines[0] and "failures 0" in critic_lines[0], critic_lines
+
+
+def test_eval_hooks_under_zero3_on_two_cpu_processes(tiny, tmp_path):
+    """Under ZeRO-3 the main process cannot run the partitioned policy alone (it waited forever before): every process
+    gathers the weights, the main one evaluates a whole copy, and the run finishes with the hook's metrics logged."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_eval_e2e import write_data_root
+
+    data = write_data_root(str(tmp_path / "data"))
+    out_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "ds_configs/cpu_2proc_zero3.yaml"), "--main_process_port", "29525",
+        "-m", "treg", "train", "--config", str(ROOT / "recipes/tiny/treg-dpo-eval.yaml"),
+        "--output_dir", str(out_dir), "--max_steps", "2", "--eval_hook_max_instances", "2",
+        "--eval_hook_max_new_tokens", "8", "--disable_tqdm", "true",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", TREG_EVAL_DATA=data)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    log = f"exit {out.returncode}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-8000:]}"
+    assert f"saved to {out_dir}" in out.stdout, log
+    if out.returncode != 0:
+        assert any(s in out.stderr for s in SIGNAL_DEATH), f"finished, then failed otherwise\n{log}"
+    assert "eval hooks at step 2" in out.stderr, log
+    for bench in ("alpaca_eval", "arena_hard"):
+        results = json.loads((out_dir / "eval_hooks" / bench / "step-2" / "results.json").read_text())
+        assert results, bench

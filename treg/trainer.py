@@ -290,6 +290,7 @@ class TRegTrainer(DPOTrainer):
                 args.eval_hooks, max_instances=args.eval_hook_max_instances, judge=args.eval_hook_judge,
                 when=args.eval_hook_when, output_dir=args.output_dir, max_new_tokens=args.eval_hook_max_new_tokens,
                 batch_size=args.per_device_eval_batch_size, bench=args.eval_hook_arena_bench, log=self.log,
+                no_partition=self._no_zero3_init,
             ))
 
     # ----------------------------------------------------------------------------------------------------- data

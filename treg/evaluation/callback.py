@@ -6,10 +6,18 @@ Enabled from a recipe (``eval_hooks: [alpaca_eval, arena_hard]``, ``eval_hook_ma
 arguments (``model``, ``processing_class``); the callback knows nothing of the trainer. ``log`` (e.g. the trainer's own
 ``log``) sends the metrics to every reporter; without it they are appended to ``state.log_history``. Only the main
 process evaluates (``state.is_world_process_zero``).
+
+Under DeepSpeed ZeRO-3 the policy's weights are partitioned and only all processes together can run it, so a main
+process generating alone would wait forever. There every process first takes part in gathering the weights, one
+tensor at a time, and the main process evaluates an unpartitioned copy (the whole model in its memory while the hook
+runs), with ZeRO-3's ``zero.Init`` switched off by ``no_partition`` (the trainer passes its own) so that a judge
+loaded from a checkpoint is not partitioned either.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 from collections.abc import Callable
@@ -30,6 +38,11 @@ def parse_when(when) -> str | int:
     if when not in ("end", "eval"):
         raise ValueError(f"eval_hook_when must be 'end', 'eval' or a step interval, got {when!r}.")
     return when
+
+
+def is_partitioned(model) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned ``model``'s parameters (each process holds a slice of each)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 class EvalHookCallback(TrainerCallback):
@@ -59,6 +72,7 @@ class EvalHookCallback(TrainerCallback):
         reference_path: str | None = None,
         questions_path: str | None = None,
         baseline_paths: list[str] | None = None,
+        no_partition: Callable[[], contextlib.AbstractContextManager] | None = None,
     ):
         unknown = [h for h in hooks if h not in HOOKS]
         if unknown or not hooks:
@@ -69,6 +83,7 @@ class EvalHookCallback(TrainerCallback):
         self.paths = {"reference": reference_path, "questions": questions_path, "baselines": baseline_paths}
         self._judge = None
         self.history: list[dict] = []
+        self.no_partition = no_partition or contextlib.nullcontext
 
     def _judge_for(self, model, tokenizer):
         from treg.evaluation.judges import build_judge
@@ -119,15 +134,44 @@ class EvalHookCallback(TrainerCallback):
         return metrics
 
     def _fire(self, args, state, model, tokenizer):
-        if not state.is_world_process_zero or model is None or tokenizer is None:
+        if model is None or tokenizer is None:
             return
-        metrics = self.run(model, tokenizer, state.global_step)
+        if is_partitioned(model):  # ZeRO-3: every process helps gather the weights, the main one evaluates them
+            model = self._gather_whole(model, keep=state.is_world_process_zero)
+        if not state.is_world_process_zero:
+            return
+        with self.no_partition():
+            metrics = self.run(model, tokenizer, state.global_step)
+        del model
         self.history.append({"step": state.global_step, **metrics})
         if self.log is not None:
             self.log(metrics)
         else:
             state.log_history.append({**metrics, "step": state.global_step})
         logger.info("eval hooks at step %d: %s", state.global_step, metrics)
+
+    def _gather_whole(self, model, keep: bool):
+        """An unpartitioned copy of a ZeRO-3 model on the main process (``keep``), None elsewhere. Collective: every
+        process calls it, and gathers the same tensors in the same order."""
+        import deepspeed
+
+        full = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():  # tied weights appear under each name
+            if hasattr(tensor, "ds_id"):
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    if keep:
+                        full[name] = tensor.data.detach().clone()
+            elif keep:
+                full[name] = tensor.detach().clone()
+        if not keep:
+            return None
+        with self.no_partition():
+            whole = type(model)(copy.deepcopy(model.config))
+        first = next(iter(full.values()))
+        whole.to(dtype=first.dtype, device=first.device)
+        whole.load_state_dict(full, strict=True)
+        whole.generation_config = copy.deepcopy(model.generation_config)
+        return whole.eval()
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if isinstance(self.when, int) and state.global_step % self.when == 0:

@@ -77,6 +77,7 @@ def generate(
     jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(num_samples)), key=lambda j: -len(encoded[j[0]]))
     out: list[list[str | None]] = [[None] * num_samples for _ in prompts]
     device = next(model.parameters()).device
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
@@ -90,7 +91,9 @@ def generate(
             for r, (i, _) in enumerate(batch):  # left padding: every prompt ends at the last column
                 ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 attn[r, width - len(encoded[i]) :] = 1
-            kwargs = {"do_sample": do_sample}
+            # HF syncs every decoding step across processes whenever DeepSpeed ZeRO-3 is configured; a model whose
+            # weights are whole (not partitioned) generates alone, e.g. on the main process in the eval hook.
+            kwargs = {"do_sample": do_sample, "synced_gpus": None if partitioned else False}
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
             gen = model.generate(
