@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import multiprocessing as mp
 import os
@@ -41,6 +40,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from treg.files import write_atomic, write_json_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -399,7 +400,7 @@ def write_report(result: dict, heat: dict, prefix: str) -> list[str]:
                  fontsize=9)
     fig.tight_layout()
     metrics_png = f"{prefix}-metrics.png"
-    fig.savefig(metrics_png, dpi=130)
+    write_atomic(metrics_png, lambda tmp: fig.savefig(tmp, dpi=130))
 
     heatmaps = []
     for j, row in enumerate(heat.get("rows", [])):
@@ -456,10 +457,7 @@ def main(argv=None) -> int:
     if heat:  # every group drew the same held-out rows; gather the methods in the table's order
         drawn = {k: v for r in runs if r["heatmap"]["rows"] for k, v in r["heatmap"]["methods"].items()}
         heat["methods"] = {name: drawn[name] for name in METHODS if name in drawn}
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, result, indent=2)
     print()
     print(f"reward_auc (r̂ vs defect tokens, training pairs): {result['reward_auc']:.3f} "
           f"{result['reward_auc_ci95']}  held-out {result['reward_auc_held_out']:.3f}  up to the first defect "

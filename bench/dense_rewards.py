@@ -29,13 +29,14 @@ and paired differences to ``sparse`` (same seed). JSON is written atomically; ``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import tempfile
 import time
 import warnings
+
+from treg.files import write_atomic, write_json_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -224,19 +225,6 @@ def summarize(runs: list[dict], arms: list[str]) -> dict:
     return {"arms": out, "comparisons": comparisons}
 
 
-def write_json_atomic(data: dict, path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -269,15 +257,9 @@ def plot(result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         plt.close(fig)
 
 
@@ -353,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers,
         },
     }
-    write_json_atomic(result, args.out)
+    write_json_atomic(args.out, result, indent=2)
     if args.plot:
         plot(result, args.plot)
     for arm, res in result["summary"]["arms"].items():

@@ -26,9 +26,10 @@ import operator
 import os
 import tempfile
 import textwrap
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from treg.files import write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -125,22 +126,6 @@ def _check_heatmaps(heatmaps) -> list[TokenHeatmap]:
     return heatmaps
 
 
-def _write_atomic(path: str, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Not mkstemp: its files are private (0600); this one gets the usual permissions from the umask.
-    base, ext = os.path.splitext(os.path.basename(path))
-    tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # ------------------------------------------------------------------------------------------------------------ HTML
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em; color: #222; }
@@ -222,11 +207,7 @@ def render_html(heatmaps: Sequence[TokenHeatmap] | TokenHeatmap, path: str | os.
     if path is not None:
         path = os.fspath(path)
 
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(page)
-
-        _write_atomic(path, write)
+        write_text_atomic(path, page)
     return page
 
 
@@ -323,7 +304,7 @@ def render_png(heatmaps: Sequence[TokenHeatmap] | TokenHeatmap, path: str | os.P
             fig.tight_layout(rect=(0, bottom, 1, 1))
             fig.savefig(tmp, format="png", dpi=dpi)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
     return path
 
 

@@ -248,10 +248,10 @@ def _baseline_for(config: dict, category: str) -> str:
 
 def write_judgments(directory: str, judge_name: str, model: str, records: list[dict]) -> str:
     """``<directory>/<judge_name>/<model>.jsonl`` (names with ``/`` keep their last part, as the official loader)."""
-    from treg.evaluation.generate import _write_atomic
+    from treg.files import write_text_atomic
 
     path = os.path.join(directory, _safe(judge_name), f"{_safe(model)}.jsonl")
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 

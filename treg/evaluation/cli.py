@@ -211,9 +211,9 @@ def cmd_show(argv: list[str]) -> int:
     )
     print(format_table(scores))
     if args.json:
-        from treg.evaluation.generate import _write_atomic
+        from treg.files import write_text_atomic
 
-        _write_atomic(args.json, json.dumps(scores, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(scores, indent=2) + "\n")
     return 0
 
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
 
 import torch
+
+from treg.files import write_text_atomic
 
 
 def render_prompt(tokenizer, prompt) -> list[int]:
@@ -191,19 +192,6 @@ def generate_answers(
     return [o[0].strip() for o in out]
 
 
-def _write_atomic(path: str, text: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_alpaca_eval_outputs(
     path: str, instructions: list[str], outputs: list[str], generator: str, extra: list[dict] | None = None
 ) -> None:
@@ -215,7 +203,7 @@ def write_alpaca_eval_outputs(
         {**(extra[i] if extra else {}), "instruction": q, "output": o, "generator": generator}
         for i, (q, o) in enumerate(zip(instructions, outputs))
     ]
-    _write_atomic(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_arena_hard_answers(
@@ -238,4 +226,4 @@ def write_arena_hard_answers(
         if metadata is not None:
             row["metadata"] = metadata[i]
         lines.append(json.dumps(row, ensure_ascii=False))
-    _write_atomic(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")

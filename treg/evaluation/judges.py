@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +49,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from treg.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -551,11 +552,8 @@ class JudgmentCache:
         self.entries.update(data)
         if not self.directory:
             return
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.directory)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
         name = f"{time.time_ns()}-{os.getpid()}-{hashlib.sha256(''.join(sorted(items)).encode()).hexdigest()[:8]}"
-        os.replace(tmp, os.path.join(self.directory, name + ".json"))
+        write_json_atomic(os.path.join(self.directory, name + ".json"), data)
 
 
 # --------------------------------------------------------------------------------------------- both orders

@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from treg.evaluation.generate import _write_atomic
+from treg.files import write_atomic, write_text_atomic
 
 
 def _fmt(x, digits: int = 1) -> str:
@@ -46,8 +46,8 @@ def markdown(results: dict) -> str:
 def write_report(out_dir: str, results: dict) -> tuple[str, str]:
     """``results.json`` and ``results.md`` in ``out_dir`` (atomic). Returns both paths."""
     js, md = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
-    _write_atomic(js, json.dumps(results, indent=2, default=_json_default) + "\n")
-    _write_atomic(md, markdown(results))
+    write_text_atomic(js, json.dumps(results, indent=2, default=_json_default) + "\n")
+    write_text_atomic(md, markdown(results))
     return js, md
 
 
@@ -81,7 +81,7 @@ def compare(paths: list[str], out_dir: str) -> tuple[str, str | None]:
         s, lo, hi = headline(r)
         lines.append(f"| {p} | {r['benchmark']} | {r['model']} | {r['judge']} | {_fmt(s)} | {_fmt(lo)} – {_fmt(hi)} |")
     md = os.path.join(out_dir, "comparison.md")
-    _write_atomic(md, "\n".join(lines) + "\n")
+    write_text_atomic(md, "\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -105,7 +105,6 @@ def compare(paths: list[str], out_dir: str) -> tuple[str, str | None]:
         ax.set_title({"alpaca_eval": "AlpacaEval 2", "arena_hard": "Arena-Hard"}.get(bench, bench))
     fig.tight_layout()
     png = os.path.join(out_dir, "comparison.png")
-    fig.savefig(png + ".tmp.png", dpi=120)
-    os.replace(png + ".tmp.png", png)
+    write_atomic(png, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return md, png

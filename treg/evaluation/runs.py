@@ -29,7 +29,7 @@ def cached_answers(
 ) -> list[str]:
     """Answers to ``instructions``; reused from ``<out_dir>/.answers-<key>.json`` when the model weights, prompts and
     generation settings are the same (written atomically)."""
-    from treg.evaluation.generate import _write_atomic
+    from treg.files import write_text_atomic
 
     key = hashlib.sha256(
         json.dumps({"model": _model_hash(model), "instructions": instructions, "gen": gen}, sort_keys=True).encode()
@@ -40,7 +40,7 @@ def cached_answers(
             logger.info("answers loaded from %s", path)
             return json.load(f)
     answers = generate_answers(model, tokenizer, instructions, show_progress=show_progress, **gen)
-    _write_atomic(path, json.dumps(answers))
+    write_text_atomic(path, json.dumps(answers))
     return answers
 
 
@@ -100,9 +100,9 @@ def run_alpaca_eval(
         )
         metrics = ae.compute_metrics(annotations)
         judge_name = judge.name
-        from treg.evaluation.generate import _write_atomic
+        from treg.files import write_text_atomic
 
-        _write_atomic(
+        write_text_atomic(
             os.path.join(out_dir, "annotations.json"),
             json.dumps(annotations, indent=2, default=str, allow_nan=True) + "\n",
         )
