@@ -30,7 +30,7 @@ from trl.trainer.utils import pad
 
 from treg.data import PreferenceDataError, validate_preference_rows
 from treg.losses import BASE_LOSSES, DPO_VARIANTS, treg_loss
-from treg.scoring import BACKENDS, LockstepModel, VLLMScorer, choose_backend
+from treg.scoring import BACKENDS, LockstepModel, VLLMScorer, choose_backend, full_tensors, is_partitioned
 from treg.token_rewards import (
     CHOSEN_REWARDS,
     PER_TOKEN_COLUMNS,
@@ -396,19 +396,12 @@ class TRegTrainer(DPOTrainer):
         if getattr(self, "_full_weights_hash", None) is not None:
             return self._full_weights_hash
         module = self.ref_model or self.model
-        state = module.state_dict(keep_vars=True)
-        if not any(hasattr(t, "ds_id") for t in state.values()):
+        if not is_partitioned(module):
             self._full_weights_hash = self._precompute_model_hash
             return self._full_weights_hash
-        import deepspeed
-
         h = hashlib.sha256()
-        for _, tensor in sorted(state.items()):
-            if hasattr(tensor, "ds_id"):
-                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
-                    tensor = tensor.data.detach().cpu().clone()
-            else:
-                tensor = tensor.detach().cpu()
+        for _, tensor in full_tensors(module):
+            tensor = tensor.cpu()
             h.update(str(tensor.dtype).encode())
             if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
                 tensor = tensor.to(torch.float32)

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 from transformers import TrainerCallback
 
+from treg.scoring import full_tensors, is_partitioned
+
 logger = logging.getLogger(__name__)
 
 HOOKS = ("alpaca_eval", "arena_hard")
@@ -38,11 +40,6 @@ def parse_when(when) -> str | int:
     if when not in ("end", "eval"):
         raise ValueError(f"eval_hook_when must be 'end', 'eval' or a step interval, got {when!r}.")
     return when
-
-
-def is_partitioned(model) -> bool:
-    """Whether DeepSpeed ZeRO-3 has partitioned ``model``'s parameters (each process holds a slice of each)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 class EvalHookCallback(TrainerCallback):
@@ -153,16 +150,7 @@ class EvalHookCallback(TrainerCallback):
     def _gather_whole(self, model, keep: bool):
         """An unpartitioned copy of a ZeRO-3 model on the main process (``keep``), None elsewhere. Collective: every
         process calls it, and gathers the same tensors in the same order."""
-        import deepspeed
-
-        full = {}
-        for name, tensor in model.state_dict(keep_vars=True).items():  # tied weights appear under each name
-            if hasattr(tensor, "ds_id"):
-                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
-                    if keep:
-                        full[name] = tensor.data.detach().clone()
-            elif keep:
-                full[name] = tensor.detach().clone()
+        full = {name: tensor.clone() for name, tensor in full_tensors(model) if keep}
         if not keep:
             return None
         with self.no_partition():

@@ -28,6 +28,7 @@ import uuid
 import torch
 
 from treg.files import write_text_atomic
+from treg.scoring import is_partitioned
 
 
 def render_prompt(tokenizer, prompt) -> list[int]:
@@ -78,7 +79,7 @@ def generate(
     jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(num_samples)), key=lambda j: -len(encoded[j[0]]))
     out: list[list[str | None]] = [[None] * num_samples for _ in prompts]
     device = next(model.parameters()).device
-    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    partitioned = is_partitioned(model)
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
