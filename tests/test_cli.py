@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from treg.cli import RecipeError, check_recipe, main, parse_train_args
 
@@ -113,3 +114,20 @@ def test_rewards_command_saves_columns(tmp_path, tiny, capsys):
     saved = load_from_disk(str(tmp_path / "token_rewards"))
     assert len(saved) == 16 and "chosen_token_rewards" in saved.column_names
     assert "chosen_token_rewards: mean" in capsys.readouterr().out
+
+
+def test_a_local_checkpoint_loads_through_the_recipe_model_config(tiny, tmp_path):
+    """A model_name_or_path that is a folder (not treg:tiny) loads with ModelConfig's options (trl 1.16's ModelConfig
+    has no trust_remote_code field: reading it used to raise AttributeError for every non-embedded model)."""
+    from treg.cli import load_model_and_tokenizer
+
+    model, tokenizer, _ = tiny
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    _, _, model_args = parse_train_args(
+        ["--config", str(ROOT / "recipes/tiny/treg-dpo.yaml"), "--model_name_or_path", str(tmp_path / "ckpt")]
+    )
+    loaded, loaded_tokenizer = load_model_and_tokenizer(model_args)
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    for (name, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(model.state_dict().items())):
+        assert torch.equal(a, b), name

@@ -101,36 +101,27 @@ def parse_train_args(argv: list[str]):
 
 
 # ------------------------------------------------------------------------------------------------------- building
-def load_model_and_tokenizer(model_args, config):
-    """``treg:tiny`` builds (or loads the cached) embedded tiny model; anything else is a hub id or local path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(model_args):
+    """The recipe's model: ``treg:tiny`` builds (or loads the cached) embedded tiny model, in the default cache
+    ($TREG_CACHE_DIR or ~/.cache/treg) whatever the recipe's token_reward_cache_dir; anything else is a hub id or local
+    path loaded with ModelConfig's dtype, attention implementation and revision."""
+    from treg.synthetic import load_causal_lm
 
     name = model_args.model_name_or_path
     if name is None:
         raise RecipeError("model_name_or_path is required (a hub id, a local path, or treg:tiny).")
-    if name == "treg:tiny":
-        from treg.synthetic import load_tiny_model
-
-        # The embedded model lives in the default cache ($TREG_CACHE_DIR or ~/.cache/treg), not under the recipe's
-        # token_reward_cache_dir: a fresh token-reward cache must not rebuild it (and two processes racing to do so).
-        model, tokenizer, _ = load_tiny_model()
-        return model, tokenizer
-    kwargs = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.model_revision}
     dtype = model_args.dtype
     if dtype not in (None, "auto"):
         import torch
 
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, attn_implementation=model_args.attn_implementation, **kwargs
+    return load_causal_lm(
+        name,
+        revision=model_args.model_revision,
+        trust_remote_code=getattr(model_args, "trust_remote_code", False),  # not a ModelConfig field in trl 1.16
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
     )
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    return model, tokenizer
-
-
-def _cache_root(config) -> str | None:
-    root = config.token_reward_cache_dir
-    return None if root is None or root.lower() == "none" else root
 
 
 def load_datasets(data_args):
@@ -162,7 +153,7 @@ def build_trainer(data_args, config, model_args):
 
     from treg.trainer import TRegTrainer
 
-    model, tokenizer = load_model_and_tokenizer(model_args, config)
+    model, tokenizer = load_model_and_tokenizer(model_args)
     train, eval_ = load_datasets(data_args)
     return TRegTrainer(
         model,
@@ -312,16 +303,10 @@ def cmd_label(argv: list[str]) -> int:
         raise RecipeError(f"output_format must be disk or jsonl, got {values['output_format']!r}.")
 
     from treg.feedback.labels import LabelError, label_dataset
+    from treg.synthetic import load_causal_lm
 
     name = values["model_name_or_path"]
-    if name == "treg:tiny":
-        from treg.synthetic import load_tiny_model
-
-        model, tokenizer, _ = load_tiny_model()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    model, tokenizer = load_causal_lm(name)
     dataset = load_label_dataset(values)
     try:
         labeled, report = label_dataset(

@@ -425,24 +425,6 @@ def _last_text(value) -> str:
     return str(list(value)[-1]["content"])
 
 
-def _load_causal_lm(name: str, model_args=None):
-    if name == "treg:tiny":
-        from treg.synthetic import load_tiny_model
-
-        model, tokenizer, _ = load_tiny_model(show_progress=False)
-        return model, tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {}
-    if model_args is not None:
-        kwargs = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.model_revision}
-        if model_args.dtype not in (None, "auto"):
-            kwargs["dtype"] = getattr(torch, model_args.dtype)
-        if model_args.attn_implementation:
-            kwargs["attn_implementation"] = model_args.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs), AutoTokenizer.from_pretrained(name)
-
-
 def build_reward_funcs(specs: Sequence[str], batch_size: int = 16) -> tuple[list, list]:
     """TRL reward functions and their processing classes (None except for reward models) from recipe specs."""
     from treg.cli import RecipeError
@@ -472,8 +454,9 @@ def build_reward_funcs(specs: Sequence[str], batch_size: int = 16) -> tuple[list
             tokenizers.append(tokenizer)
         elif kind == "direct" and rest:
             from treg.feedback.direct import DirectScorer
+            from treg.synthetic import load_causal_lm
 
-            judge, judge_tokenizer = _load_causal_lm(rest)
+            judge, judge_tokenizer = load_causal_lm(rest, show_progress=False)
             funcs.append(ScorerReward(DirectScorer(judge, judge_tokenizer, batch_size=batch_size), "direct"))
             tokenizers.append(None)
         elif kind and rest and kind not in ("rm", "direct"):
@@ -505,7 +488,9 @@ def build_critic_rewards(config: TRegGRPOConfig, tokenizer, device=None) -> Crit
     else:
         from trl.trainer.utils import hash_module
 
-        model, critic_tokenizer = _load_causal_lm(name)
+        from treg.synthetic import load_causal_lm
+
+        model, critic_tokenizer = load_causal_lm(name, show_progress=False)
         if device is not None:
             model = model.to(device)
         critic = HFCritic(
@@ -626,11 +611,9 @@ def load_prompts_dataset(script_args: RLScriptArguments, tokenizer):
 def build_trainer(script_args, config, model_args):
     from trl import get_peft_config
 
-    from treg.cli import RecipeError
+    from treg.cli import load_model_and_tokenizer
 
-    if not model_args.model_name_or_path:
-        raise RecipeError("model_name_or_path is required (a hub id, a local path, or treg:tiny).")
-    model, tokenizer = _load_causal_lm(model_args.model_name_or_path, model_args)
+    model, tokenizer = load_model_and_tokenizer(model_args)  # names the missing model_name_or_path
     train = load_prompts_dataset(script_args, tokenizer)
     reward_funcs, reward_tokenizers = build_reward_funcs(script_args.reward_funcs, script_args.reward_batch_size)
     common = dict(

@@ -319,6 +319,27 @@ def load_tiny_model(
     return model, tokenizer, path
 
 
+def load_causal_lm(
+    name: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    show_progress: bool = True,
+    **model_kwargs,
+):
+    """``(model, tokenizer)`` for a model spec: ``treg:tiny`` is the embedded tiny model (built once, cached; the
+    loading options do not apply to it); anything else is a hub id or local path for ``AutoModelForCausalLM`` /
+    ``AutoTokenizer.from_pretrained`` (``model_kwargs``, e.g. ``dtype``, go to the model)."""
+    if name == "treg:tiny":
+        model, tokenizer, _ = load_tiny_model(show_progress=show_progress)
+        return model, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs, **model_kwargs)
+    return model, AutoTokenizer.from_pretrained(name, **kwargs)
+
+
 def _build_tiny_model(recipe: TinyModelRecipe, path: str, show_progress: bool) -> None:
     """Pretrain and instruction-tune the tiny model, then save it to ``path`` atomically (temp folder + rename)."""
     tokenizer = build_tokenizer()

@@ -549,19 +549,14 @@ class TRegTrainer(DPOTrainer):
         name = args.critic_model
         if name == "rule:toy":
             return {"critic": RuleCritic(), "critic_id": RuleCritic.critic_id}
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl.trainer.utils import hash_module
+
+        from treg.synthetic import load_causal_lm
 
         param = next(self.model.parameters())
         device = self.accelerator.device if self.is_deepspeed_enabled else param.device
         with self._no_zero3_init():
-            if name == "treg:tiny":
-                from treg.synthetic import load_tiny_model
-
-                critic_model, critic_tokenizer, _ = load_tiny_model(show_progress=False)
-            else:
-                critic_model = AutoModelForCausalLM.from_pretrained(name, dtype=param.dtype)
-                critic_tokenizer = AutoTokenizer.from_pretrained(name)
+            critic_model, critic_tokenizer = load_causal_lm(name, show_progress=False, dtype=param.dtype)
         critic_model = critic_model.to(device)
         critic = HFCritic(critic_model, critic_tokenizer, max_new_tokens=args.critic_max_new_tokens,
                           batch_size=args.token_reward_batch_size)

@@ -144,15 +144,10 @@ def _generate_vllm(model, tokenizer, prompts, *, num_samples, do_sample, tempera
 
 def load_causal_lm(spec: str, device: str | None = None, dtype: str | None = "auto"):
     """(model, tokenizer) for ``treg:tiny`` (the embedded tiny model) or a local path / hub id, in eval mode."""
-    if spec == "treg:tiny":
-        from treg.synthetic import load_tiny_model
+    from treg.synthetic import load_causal_lm
 
-        model, tokenizer, _ = load_tiny_model(show_progress=False)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto")
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+    model, tokenizer = load_causal_lm(spec, show_progress=False, dtype=dtype or "auto")
+    if spec != "treg:tiny":
         model.config.name_or_path = spec
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

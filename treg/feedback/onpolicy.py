@@ -225,17 +225,6 @@ def build_onpolicy_pairs(
 
 
 # ------------------------------------------------------------------------------------------------------ entry point
-def _load_causal_lm(name: str):
-    if name == "treg:tiny":
-        from treg.synthetic import load_tiny_model
-
-        model, tokenizer, _ = load_tiny_model()
-        return model, tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
-
-
 def load_prompts(spec: str, num_prompts: int | None, split: str, seed: int) -> list:
     """``treg:toy`` (toy task prompts), a ``.jsonl`` file with a ``prompt`` field, or a preference dataset's prompts."""
     if spec == "treg:toy":
@@ -276,8 +265,9 @@ def make_scorer(spec: str, batch_size: int = 16):
                                  AutoTokenizer.from_pretrained(path), batch_size=batch_size)
     if kind == "direct" and path:
         from treg.feedback.direct import DirectScorer
+        from treg.synthetic import load_causal_lm
 
-        judge, judge_tokenizer = _load_causal_lm(path)
+        judge, judge_tokenizer = load_causal_lm(path)
         return DirectScorer(judge, judge_tokenizer, batch_size=batch_size)
     raise ValueError(f"--scorer must be 'oracle', 'rm:PATH' or 'direct:MODEL', got {spec!r}.")
 
@@ -328,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model, tokenizer = args.model, AutoTokenizer.from_pretrained(args.model)
     else:
-        model, tokenizer = _load_causal_lm(args.model)
+        from treg.synthetic import load_causal_lm
+
+        model, tokenizer = load_causal_lm(args.model)
     max_new = args.max_new_tokens or (24 if args.prompts == "treg:toy" else 256)
     dataset, stats = build_onpolicy_pairs(
         model, tokenizer, prompts, scorer, num_samples=args.num_samples, temperature=args.temperature,
