@@ -83,7 +83,8 @@ HEATMAP_ROWS = 3  # held-out pairs drawn in the token heatmap (seed of the first
 
 # ------------------------------------------------------------------------------------------------------ one seed
 def _pairs(model, tokenizer, size: Size, seed: int):
-    from treg.synthetic import make_onpolicy_pairs, task_prompts
+    from treg.feedback.onpolicy import make_onpolicy_pairs
+    from treg.synthetic import task_prompts
 
     train_prompts = task_prompts(size.train_prompts, seed=1000 * seed + 1)
     eval_prompts = task_prompts(size.eval_prompts, seed=1000 * seed + 2, exclude=set(train_prompts))
@@ -141,7 +142,8 @@ def _token_scores(model, dataset, ref: dict, pad_id: int) -> dict:
 
 
 def _measure(model, tokenizer, held_out, ref, flags, eval_prompts, pad_id, seed) -> tuple[dict, dict]:
-    from treg.synthetic import defect_auc, first_defect_auc, greedy_oracle_score, sampled_oracle_score
+    from treg.feedback.onpolicy import greedy_oracle_score, sampled_oracle_score
+    from treg.synthetic import defect_auc, first_defect_auc
 
     scores = _token_scores(model, held_out, ref, pad_id)
     greedy = greedy_oracle_score(model, tokenizer, eval_prompts, show_progress=False)
@@ -174,8 +176,9 @@ def run_group(seed: int, group: tuple[str, ...], size: Size, cache_dir: str, lea
     hf_logging.set_verbosity_error()
     from transformers import PrinterCallback
 
+    from treg.feedback.onpolicy import greedy_oracle_score, sampled_oracle_score
     from treg.scoring import score_completions
-    from treg.synthetic import greedy_oracle_score, load_tiny_model, sampled_oracle_score, token_defects
+    from treg.synthetic import load_tiny_model, token_defects
     from treg.token_rewards import CHOSEN_REWARDS, REJECTED_REWARDS
     from treg.trainer import TRegTrainer
 
@@ -434,8 +437,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     size_name = "full" if args.full else "smoke" if args.smoke else "quick"
     size = SIZES[size_name]
+    from treg.files import default_cache_dir
     from treg.synthetic import load_tiny_model
-    from treg.token_rewards.cache import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
     start = time.time()

@@ -91,7 +91,7 @@ def eval_exact(model, tokenizer, prompts, seed: int) -> float:
     """Share of entirely correct answers, one sampled at temperature 1 per prompt (global RNG state restored)."""
     import torch
 
-    from treg.synthetic import sampled_oracle_score
+    from treg.feedback.onpolicy import sampled_oracle_score
 
     state = torch.get_rng_state()
     try:

@@ -245,7 +245,7 @@ def interleaved_train(trainers: dict) -> dict[str, list[float]]:
 
 # --------------------------------------------------------------------------------------- children: entry points
 def cache_entries() -> set[str]:
-    from treg.token_rewards.cache import default_cache_dir
+    from treg.files import default_cache_dir
 
     root = os.path.join(default_cache_dir(), "token_rewards")
     return set(os.listdir(root)) if os.path.isdir(root) else set()

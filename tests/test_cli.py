@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from treg.cli import RecipeError, check_recipe, main, parse_train_args
+from treg.cli import main, parse_train_args
+from treg.recipes import RecipeError, check_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -119,7 +120,7 @@ def test_rewards_command_saves_columns(tmp_path, tiny, capsys):
 def test_a_local_checkpoint_loads_through_the_recipe_model_config(tiny, tmp_path):
     """A model_name_or_path that is a folder (not treg:tiny) loads with ModelConfig's options (trl 1.16's ModelConfig
     has no trust_remote_code field: reading it used to raise AttributeError for every non-embedded model)."""
-    from treg.cli import load_model_and_tokenizer
+    from treg.recipes import load_model_and_tokenizer
 
     model, tokenizer, _ = tiny
     model.save_pretrained(tmp_path / "ckpt")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from treg.evaluation.generate import generate, render_prompt
+from treg.generation import generate, render_prompt
 
 
 def _prompts():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from treg.cli import RecipeError
 from treg.cli import main as cli_main
+from treg.recipes import RecipeError
 from treg.rl import (
     CriticTokenRewards,
     ToyReward,

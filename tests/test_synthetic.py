@@ -4,13 +4,12 @@ import random
 
 import pytest
 
+from treg.feedback.onpolicy import greedy_oracle_score, make_onpolicy_pairs
 from treg.synthetic import (
     Task,
     build_tokenizer,
     corrupt,
     defect_auc,
-    greedy_oracle_score,
-    make_onpolicy_pairs,
     make_pairs,
     oracle,
     parse_prompt,
@@ -106,7 +105,7 @@ def test_tiny_model_is_imperfect_but_competent_and_follows_quality_instructions(
     prompts = task_prompts(48, seed=9)
     plain = greedy_oracle_score(model, tokenizer, prompts, show_progress=False)["oracle_accuracy"]
     assert plain > 0.8
-    from treg.evaluation.generate import generate
+    from treg.generation import generate
 
     def score(template):
         msgs = [[{"role": "user", "content": template.format(prompt=p)}] for p in prompts]

@@ -11,6 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 
+def default_cache_dir() -> str:
+    """treg's cache root: ``$TREG_CACHE_DIR``, else ``~/.cache/treg``."""
+    return os.environ.get("TREG_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "treg"))
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path`` (same extension, so writers that go by it still
     work), then move it into place. On any failure the temporary file is removed and ``path`` is untouched."""

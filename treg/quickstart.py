@@ -14,15 +14,9 @@ import numpy as np
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
+from treg.feedback.onpolicy import greedy_oracle_score, make_onpolicy_pairs
 from treg.scoring import score_completions
-from treg.synthetic import (
-    defect_auc,
-    greedy_oracle_score,
-    load_tiny_model,
-    make_onpolicy_pairs,
-    task_prompts,
-    token_defects,
-)
+from treg.synthetic import defect_auc, load_tiny_model, task_prompts, token_defects
 from treg.token_rewards import CHOSEN_REWARDS, REF_CHOSEN, REF_REJECTED, REJECTED_REWARDS
 from treg.trainer import TRegConfig, TRegTrainer
 

@@ -54,6 +54,9 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from treg.files import default_cache_dir
+from treg.recipes import RecipeError, check_recipe, load_model_and_tokenizer
+
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("grpo", "rloo")
@@ -184,7 +187,7 @@ class CriticTokenRewards:
             if self.cache_dir is None or str(self.cache_dir).lower() != "none":
                 settings = {"version": CRITIC_CACHE_VERSION, "critic": self.critic_id, "prompts": todo}
                 key = cache_lib.fingerprint(settings)
-                root = self.cache_dir or cache_lib.default_cache_dir()
+                root = self.cache_dir or default_cache_dir()
                 path = os.path.join(root, "token_rewards", f"{CRITIC_CACHE_VERSION}-{key[:24]}")
                 cached = cache_lib.load(path)
                 if cached is not None and cached["prompt"] == todo:
@@ -427,8 +430,6 @@ def _last_text(value) -> str:
 
 def build_reward_funcs(specs: Sequence[str], batch_size: int = 16) -> tuple[list, list]:
     """TRL reward functions and their processing classes (None except for reward models) from recipe specs."""
-    from treg.cli import RecipeError
-
     if not specs:
         raise RecipeError(
             "reward_funcs is empty: give at least one of toy:exact, toy:score, rm:PATH, direct:MODEL, module:function."
@@ -454,7 +455,7 @@ def build_reward_funcs(specs: Sequence[str], batch_size: int = 16) -> tuple[list
             tokenizers.append(tokenizer)
         elif kind == "direct" and rest:
             from treg.feedback.direct import DirectScorer
-            from treg.synthetic import load_causal_lm
+            from treg.models import load_causal_lm
 
             judge, judge_tokenizer = load_causal_lm(rest, show_progress=False)
             funcs.append(ScorerReward(DirectScorer(judge, judge_tokenizer, batch_size=batch_size), "direct"))
@@ -486,9 +487,7 @@ def build_critic_rewards(config: TRegGRPOConfig, tokenizer, device=None) -> Crit
     if name == "rule:toy":
         critic, critic_id = RuleCritic(), RuleCritic.critic_id
     else:
-        from trl.trainer.utils import hash_module
-
-        from treg.synthetic import load_causal_lm
+        from treg.models import load_causal_lm, module_hash
 
         model, critic_tokenizer = load_causal_lm(name, show_progress=False)
         if device is not None:
@@ -496,7 +495,7 @@ def build_critic_rewards(config: TRegGRPOConfig, tokenizer, device=None) -> Crit
         critic = HFCritic(
             model, critic_tokenizer, max_new_tokens=config.critic_max_new_tokens, batch_size=config.critic_batch_size
         )
-        critic_id = f"hf:{name}:{hash_module(model)}:{config.critic_max_new_tokens}"
+        critic_id = f"hf:{name}:{module_hash(model)}:{config.critic_max_new_tokens}"
     return CriticTokenRewards(
         critic,
         critic_id,
@@ -546,8 +545,6 @@ def build_parser(algorithm: str = "grpo"):
     from trl import ModelConfig, TrlParser
 
     if algorithm not in ALGORITHMS:
-        from treg.cli import RecipeError
-
         raise RecipeError(f"rl_algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}.")
     return TrlParser((RLScriptArguments, _config_class(algorithm), ModelConfig))
 
@@ -570,7 +567,6 @@ def _peek_recipe(argv: list[str]) -> tuple[str, dict]:
 
 def parse_rl_args(argv: list[str]):
     """(script args, config, model args) from ``--config recipe.yaml`` and flags; unknown keys name file and key."""
-    from treg.cli import RecipeError, check_recipe
 
     algorithm, recipe = _peek_recipe(argv)
     parser = build_parser(algorithm)
@@ -600,8 +596,6 @@ def load_prompts_dataset(script_args: RLScriptArguments, tokenizer):
     n = script_args.toy_num_prompts if script_args.dataset_name == "treg:toy" else script_args.max_train_rows
     prompts = load_prompts(script_args.dataset_name, n, script_args.dataset_train_split, script_args.toy_seed)
     if not prompts:
-        from treg.cli import RecipeError
-
         raise RecipeError(f"dataset_name {script_args.dataset_name!r} gave no prompts.")
     chat = bool(getattr(tokenizer, "chat_template", None))
     rows = [[{"role": "user", "content": p}] if isinstance(p, str) and chat else p for p in prompts]
@@ -610,8 +604,6 @@ def load_prompts_dataset(script_args: RLScriptArguments, tokenizer):
 
 def build_trainer(script_args, config, model_args):
     from trl import get_peft_config
-
-    from treg.cli import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_args)  # names the missing model_name_or_path
     train = load_prompts_dataset(script_args, tokenizer)

@@ -312,26 +312,6 @@ def choose_backend(
     return "hf"
 
 
-# ------------------------------------------------------------------------------------------- ZeRO-3 partitioned weights
-def is_partitioned(module) -> bool:
-    """Whether DeepSpeed ZeRO-3 has partitioned ``module``'s parameters (each process holds a slice of each)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
-def full_tensors(module):
-    """``(name, tensor)`` for every entry of ``module.state_dict()``, in sorted name order, with each ZeRO-3-partitioned
-    tensor gathered whole, one at a time (memory: the largest tensor). A gathered tensor is only valid until the next
-    item: copy it to keep it. Collective under ZeRO-3: every process must run the whole iteration."""
-    for name, tensor in sorted(module.state_dict(keep_vars=True).items()):  # tied weights appear under each name
-        if hasattr(tensor, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
-                yield name, tensor.data.detach()
-        else:
-            yield name, tensor.detach()
-
-
 # --------------------------------------------------------------------------------------- collective-forward lockstep
 class LockstepModel:
     """Wraps a model whose forward is a collective (DeepSpeed ZeRO-3) so processes with unequal work stay in step.

@@ -12,8 +12,8 @@ the score. The quick start, the tests and ``bench/credit_assignment.py`` build o
 The tiny model is pretrained on plain task text and then instruction-tuned here from scratch (about 75 s on a 2-core
 CPU, then cached on disk under a hash of its recipe). Like an instruction-tuned LLM it solves the tasks imperfectly
 and responds to quality instructions: under T-REG's ``x⁺`` template it answers correctly, under ``x⁻`` with defects.
-That makes the self-generated rewards r̂ meaningful rather than noise. :func:`make_onpolicy_pairs` builds preference
-pairs from its samples the way the T-REG and SimPO papers do, with :func:`oracle` as the reward model.
+That makes the self-generated rewards r̂ meaningful rather than noise. ``treg.feedback.onpolicy.make_onpolicy_pairs``
+builds preference pairs from its samples the way the T-REG and SimPO papers do, with :func:`oracle` as the reward model.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from treg.token_rewards.cache import default_cache_dir
-from treg.token_rewards.contrastive import DEFAULT_NEGATIVE_TEMPLATE, DEFAULT_POSITIVE_TEMPLATE
+from treg.files import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +46,10 @@ CHAT_TEMPLATE = (
 )
 TASKS = ("copy", "reverse", "sort", "inc")
 DIGITS = "0123456789"
+# The quality instructions the tiny model is tuned to follow (the same wording as treg's default x⁺ and x⁻ when the
+# model was built; part of its recipe, so its cache key and behaviour do not move when those defaults change).
+POSITIVE_TEMPLATE = "{prompt}\n\nWrite the best possible response: helpful, correct, coherent and concise."
+NEGATIVE_TEMPLATE = "{prompt}\n\nWrite a poor response: unhelpful, incorrect, incoherent and verbose."
 
 
 # ------------------------------------------------------------------------------------------------------- the task
@@ -144,7 +147,7 @@ def make_pairs(n: int, seed: int = 0, conversational: bool = True, max_defects: 
 # ------------------------------------------------------------------------------------------------------ tokenizer
 def _tokenizer_corpus() -> list[str]:
     rng = random.Random(1234)
-    lines = [DEFAULT_POSITIVE_TEMPLATE, DEFAULT_NEGATIVE_TEMPLATE]
+    lines = [POSITIVE_TEMPLATE, NEGATIVE_TEMPLATE]
     for _ in range(3000):
         task = random_task(rng)
         lines += [task.prompt, " ".join(task.answer)]
@@ -195,8 +198,8 @@ class TinyModelRecipe:
     seed: int = 0
     plain_defect_rate: float = 0.3
     negative_length_errors: float = 0.3  # share of x⁻ answers that also gain or lose a word
-    positive_template: str = DEFAULT_POSITIVE_TEMPLATE
-    negative_template: str = DEFAULT_NEGATIVE_TEMPLATE
+    positive_template: str = POSITIVE_TEMPLATE
+    negative_template: str = NEGATIVE_TEMPLATE
     version: int = 3
 
     def key(self) -> str:
@@ -319,27 +322,6 @@ def load_tiny_model(
     return model, tokenizer, path
 
 
-def load_causal_lm(
-    name: str,
-    *,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    show_progress: bool = True,
-    **model_kwargs,
-):
-    """``(model, tokenizer)`` for a model spec: ``treg:tiny`` is the embedded tiny model (built once, cached; the
-    loading options do not apply to it); anything else is a hub id or local path for ``AutoModelForCausalLM`` /
-    ``AutoTokenizer.from_pretrained`` (``model_kwargs``, e.g. ``dtype``, go to the model)."""
-    if name == "treg:tiny":
-        model, tokenizer, _ = load_tiny_model(show_progress=show_progress)
-        return model, tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs, **model_kwargs)
-    return model, AutoTokenizer.from_pretrained(name, **kwargs)
-
-
 def _build_tiny_model(recipe: TinyModelRecipe, path: str, show_progress: bool) -> None:
     """Pretrain and instruction-tune the tiny model, then save it to ``path`` atomically (temp folder + rename)."""
     tokenizer = build_tokenizer()
@@ -372,76 +354,6 @@ def task_prompts(
             seen.add(prompt)
             out.append(prompt)
     return out
-
-
-def make_onpolicy_pairs(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    num_samples: int = 4,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 64,
-    show_progress: bool = True,
-) -> tuple[Dataset, dict]:
-    """Preference pairs built the T-REG/SimPO papers' way, with the oracle as the reward model.
-
-    For each prompt, sample ``num_samples`` responses from ``model`` (the SFT policy), score them with
-    :func:`oracle`, keep the best as chosen and the worst as rejected, and drop the prompt when all scores tie (or
-    fewer than two non-empty responses came back). Returns ``(dataset, stats)``; the dataset is conversational with
-    ``chosen_defects`` / ``rejected_defects`` (one flag per word) and ``chosen_score`` / ``rejected_score``.
-    """
-    from treg.evaluation.generate import generate
-    from treg.feedback.onpolicy import pairs_from_samples
-
-    messages = [[{"role": "user", "content": p}] for p in prompts]
-    samples = generate(
-        model, tokenizer, messages, num_samples=num_samples, do_sample=True, temperature=temperature,
-        max_new_tokens=24, batch_size=batch_size, seed=seed, show_progress=show_progress, desc="Sampling responses",
-    )
-    rows, counts = pairs_from_samples(prompts, samples, lambda p, r: oracle(p, r)[0])
-    for row in rows:  # the oracle's per-word defect flags of the two kept responses
-        prompt = row["prompt"][0]["content"]
-        row["chosen_defects"] = oracle(prompt, row["chosen"][0]["content"])[1]
-        row["rejected_defects"] = oracle(prompt, row["rejected"][0]["content"])[1]
-    all_scores = [oracle(p, t.strip())[0] for p, texts in zip(prompts, samples) for t in texts]
-    stats = {
-        "prompts": len(prompts),
-        "pairs": len(rows),
-        "dropped_ties": counts["dropped_ties"],
-        "dropped_empty": counts["dropped_empty"],
-        "sample_oracle_score": sum(all_scores) / max(len(all_scores), 1),
-    }
-    return Dataset.from_list(rows), stats
-
-
-def _answer_oracle_score(model, tokenizer, prompts, batch_size, show_progress, **sampling) -> dict:
-    from treg.evaluation.generate import generate
-
-    texts = generate(
-        model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=24,
-        batch_size=batch_size, show_progress=show_progress, desc="Answering held-out prompts", **sampling,
-    )
-    scores = [oracle(p, t[0].strip())[0] for p, t in zip(prompts, texts)]
-    return {
-        "oracle_accuracy": sum(scores) / len(scores),
-        "exact_match": sum(s == 1.0 for s in scores) / len(scores),
-        "samples": [(p, t[0]) for p, t in zip(prompts[:5], texts[:5])],
-    }
-
-
-def greedy_oracle_score(model, tokenizer, prompts: list[str], batch_size: int = 64,
-                        show_progress: bool = True) -> dict:
-    """Greedy answers to plain prompts, scored by the oracle: mean score and exact-match rate."""
-    return _answer_oracle_score(model, tokenizer, prompts, batch_size, show_progress)
-
-
-def sampled_oracle_score(model, tokenizer, prompts: list[str], seed: int = 0, temperature: float = 1.0,
-                         batch_size: int = 64, show_progress: bool = True) -> dict:
-    """One answer per prompt sampled at ``temperature`` (the distribution the pairs were drawn from), scored."""
-    return _answer_oracle_score(model, tokenizer, prompts, batch_size, show_progress, do_sample=True,
-                                temperature=temperature, seed=seed)
 
 
 # -------------------------------------------------------------------------------------------------------- metrics

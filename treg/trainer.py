@@ -30,7 +30,8 @@ from trl.trainer.utils import pad
 
 from treg.data import PreferenceDataError, validate_preference_rows
 from treg.losses import BASE_LOSSES, DPO_VARIANTS, treg_loss
-from treg.scoring import BACKENDS, LockstepModel, VLLMScorer, choose_backend, full_tensors, is_partitioned
+from treg.models import full_tensors, is_partitioned
+from treg.scoring import BACKENDS, LockstepModel, VLLMScorer, choose_backend
 from treg.token_rewards import (
     CHOSEN_REWARDS,
     PER_TOKEN_COLUMNS,
@@ -551,7 +552,7 @@ class TRegTrainer(DPOTrainer):
             return {"critic": RuleCritic(), "critic_id": RuleCritic.critic_id}
         from trl.trainer.utils import hash_module
 
-        from treg.synthetic import load_causal_lm
+        from treg.models import load_causal_lm
 
         param = next(self.model.parameters())
         device = self.accelerator.device if self.is_deepspeed_enabled else param.device

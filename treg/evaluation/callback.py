@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from transformers import TrainerCallback
 
-from treg.scoring import full_tensors, is_partitioned
+from treg.models import full_tensors, is_partitioned
 
 logger = logging.getLogger(__name__)
 

@@ -90,10 +90,10 @@ def show_parser() -> argparse.ArgumentParser:
 
 
 def _policy_and_judge(args):
-    from treg.evaluation.generate import load_causal_lm
     from treg.evaluation.judges import build_judge
+    from treg.models import load_causal_lm
 
-    model, tokenizer = load_causal_lm(args.model, device=args.device)
+    model, tokenizer = load_causal_lm(args.model, device=args.device, inference=True)
     name = args.name or ("tiny" if args.model == "treg:tiny" else os.path.basename(os.path.normpath(args.model)))
     judge = None
     if not getattr(args, "annotator_config", None):

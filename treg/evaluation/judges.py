@@ -332,7 +332,7 @@ class LocalLogprobJudge:
             )
 
     def _judge_verdict_generate(self, prompts, idx, out):
-        from treg.evaluation.generate import generate
+        from treg.generation import generate
 
         convs = {i: prompts[i].messages() for i in idx}
         texts = {i: "" for i in idx}
@@ -698,7 +698,7 @@ def build_judge(
     if judge_model is not None:
         model, tokenizer = judge_model
     else:
-        from treg.evaluation.generate import load_causal_lm
+        from treg.models import load_causal_lm
 
-        model, tokenizer = load_causal_lm(spec[3:] if spec.startswith("hf:") else spec, device=device)
+        model, tokenizer = load_causal_lm(spec[3:] if spec.startswith("hf:") else spec, device=device, inference=True)
     return LocalLogprobJudge(model, tokenizer, name=spec, mode=mode, batch_size=batch_size, show_progress=show_progress)

@@ -11,9 +11,9 @@ import os
 from treg.evaluation import alpaca_eval as ae
 from treg.evaluation import arena_hard as ah
 from treg.evaluation import data
-from treg.evaluation.generate import generate_answers, write_alpaca_eval_outputs, write_arena_hard_answers
 from treg.evaluation.judges import JudgeStats, JudgmentCache, PairwiseJudge
 from treg.evaluation.report import write_report
+from treg.generation import generate_answers, write_alpaca_eval_outputs, write_arena_hard_answers
 
 logger = logging.getLogger(__name__)
 

@@ -208,8 +208,7 @@ def label_pairs(
     label_ids = label_token_ids(tokenizer, template.ending)
     if max_length is None:
         max_length = _default_max_length(model, tokenizer)
-    nl = _encode(tokenizer, "\n")
-    reserve = len(nl) + len(_encode(tokenizer, template.ending)) + 1
+    reserve = len(_encode(tokenizer, "\n")) + len(_encode(tokenizer, template.ending)) + 1
     if chain_of_thought:
         reserve += len(_encode(tokenizer, template.cot_ending)) + max_rationale_tokens + 1
     builder = _PromptBuilder(tokenizer, template, few_shot, chain_of_thought, max_length, reserve)
@@ -222,33 +221,44 @@ def label_pairs(
             ids, cut = builder.sample_ids(ctx, first, second)
             jobs.append((i, order, ids, cut))
 
-    rationales: list[str | None] = [None] * len(jobs)
-    prompts = []
-    if chain_of_thought:
-        from treg.evaluation.generate import generate
-
-        special = len(_special_prefix(tokenizer))  # generate() tokenizes the text without special tokens
-        cot_texts = [tokenizer.decode(ids[special:] + builder.cot) for _, _, ids, _ in jobs]
-        outs = generate(
-            model, tokenizer, cot_texts, max_new_tokens=max_rationale_tokens, batch_size=batch_size,
-            show_progress=show_progress, desc="Rationales",
-        )
-        for j, (_, _, ids, _) in enumerate(jobs):
-            rationale = outs[j][0].strip()
-            rationales[j] = rationale
-            prompts.append(ids + builder.cot + _encode(tokenizer, " " + rationale) + nl + builder.ending)
-    else:
-        prompts = [ids + builder.ending for _, _, ids, _ in jobs]
-
+    prompts, rationales = _label_prompts(
+        model, tokenizer, builder, jobs, chain_of_thought, max_rationale_tokens, batch_size, show_progress
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     label_logps = next_token_logprobs(  # [len(prompts), 2]: ℓ1, ℓ2 from one forward per prompt
         model, prompts, label_ids, batch_size=batch_size, pad_token_id=pad, desc="Labeling",
         show_progress=show_progress,
     )
+    return _pair_records(len(rows), jobs, label_logps, rationales, template, chain_of_thought)
 
+
+def _label_prompts(model, tokenizer, builder, jobs, chain_of_thought, max_rationale_tokens, batch_size, show_progress):
+    """Finish each job's prompt with the label ending (after a generated rationale with chain of thought)."""
+    rationales: list[str | None] = [None] * len(jobs)
+    if not chain_of_thought:
+        return [ids + builder.ending for _, _, ids, _ in jobs], rationales
+    from treg.generation import generate
+
+    nl = _encode(tokenizer, "\n")
+    special = len(_special_prefix(tokenizer))  # generate() tokenizes the text without special tokens
+    cot_texts = [tokenizer.decode(ids[special:] + builder.cot) for _, _, ids, _ in jobs]
+    outs = generate(
+        model, tokenizer, cot_texts, max_new_tokens=max_rationale_tokens, batch_size=batch_size,
+        show_progress=show_progress, desc="Rationales",
+    )
+    prompts = []
+    for j, (_, _, ids, _) in enumerate(jobs):
+        rationale = outs[j][0].strip()
+        rationales[j] = rationale
+        prompts.append(ids + builder.cot + _encode(tokenizer, " " + rationale) + nl + builder.ending)
+    return prompts, rationales
+
+
+def _pair_records(n_pairs, jobs, label_logps, rationales, template, chain_of_thought) -> list[dict[str, Any]]:
+    """Turn the label log-probs of every (pair, order) job into one record per pair (see the module docstring)."""
     records: list[dict[str, Any]] = [
         {"p_first": None, "p_order_a": None, "p_order_b": None, "position_biased": None, "truncated": False}
-        for _ in rows
+        for _ in range(n_pairs)
     ]
     for j, (i, order, _, cut) in enumerate(jobs):
         l1, l2 = float(label_logps[j, 0]), float(label_logps[j, 1])
@@ -321,28 +331,7 @@ def label_dataset(
     counting one half; None without human labels), ``n_ties``, ``mean_confidence`` (mean of max(p, 1 − p)),
     ``mean_ai_preference``, ``n_truncated``, ``seconds``, ``pairs_per_s``, and the settings.
     """
-    from treg.data import PreferenceDataError, to_preference_format, validate_preference_rows
-
-    if len(dataset) == 0:
-        raise LabelError("the dataset has no rows.")
-    if not {"response_1", "response_2"} <= set(dataset.column_names):
-        try:
-            dataset = to_preference_format(dataset)
-            validate_preference_rows(dataset)
-        except PreferenceDataError as e:
-            raise LabelError(str(e)) from e
-    col1, col2, has_human = _pair_columns(dataset)
-    rows = []
-    for i, row in enumerate(dataset):
-        texts = []
-        for field in ("prompt", col1, col2):
-            value = row[field]
-            text = render_text(value, f"row {i}, field '{field}'")
-            if not text.strip():
-                raise LabelError(f"row {i}, field '{field}': empty text; fix or drop the row.")
-            texts.append(text)
-        rows.append(tuple(texts))
-
+    dataset, col1, col2, has_human, rows = _dataset_pairs(dataset)
     start = time.perf_counter()
     records = label_pairs(
         model, tokenizer, rows, task=task, few_shot=few_shot, chain_of_thought=chain_of_thought,
@@ -351,25 +340,8 @@ def label_dataset(
     )
     seconds = time.perf_counter() - start
 
-    r1_values, r2_values = dataset[col1], dataset[col2]
     p = np.array([r["p_first"] for r in records], dtype=np.float64)
-    first_wins = p >= 0.5
-    extra: dict[str, list] = {
-        "ai_preference": p.tolist(),
-        "ai_p_order_a": [r["p_order_a"] for r in records],
-        "ai_p_order_b": [r["p_order_b"] for r in records],
-        "ai_position_biased": [r["position_biased"] for r in records],
-        "ai_truncated": [r["truncated"] for r in records],
-    }
-    if chain_of_thought:
-        extra["ai_rationale_a"] = [r.get("rationale_a") for r in records]
-        extra["ai_rationale_b"] = [r.get("rationale_b") for r in records]
-    if has_human:
-        extra["response_1"] = list(r1_values)
-        extra["response_2"] = list(r2_values)
-        extra["human_preference"] = [1.0] * len(records)
-    extra["chosen"] = [a if w else b for a, b, w in zip(r1_values, r2_values, first_wins)]
-    extra["rejected"] = [b if w else a for a, b, w in zip(r1_values, r2_values, first_wins)]
+    extra = _labeled_columns(records, p, dataset[col1], dataset[col2], chain_of_thought, has_human)
     out = dataset.remove_columns([c for c in extra if c in dataset.column_names])
     for name, values in extra.items():
         out = out.add_column(name, values)
@@ -391,6 +363,57 @@ def label_dataset(
         "pairs_per_s": round(len(records) / seconds, 3) if seconds > 0 else None,
     }
     return out, report
+
+
+def _dataset_pairs(dataset):
+    """Normalise ``dataset`` and render each row's prompt and two responses as the text triples to label.
+
+    Returns ``(dataset, response-1 column, response-2 column, has human labels, rows)``.
+    """
+    from treg.data import PreferenceDataError, to_preference_format, validate_preference_rows
+
+    if len(dataset) == 0:
+        raise LabelError("the dataset has no rows.")
+    if not {"response_1", "response_2"} <= set(dataset.column_names):
+        try:
+            dataset = to_preference_format(dataset)
+            validate_preference_rows(dataset)
+        except PreferenceDataError as e:
+            raise LabelError(str(e)) from e
+    col1, col2, has_human = _pair_columns(dataset)
+    rows = []
+    for i, row in enumerate(dataset):
+        texts = []
+        for field in ("prompt", col1, col2):
+            value = row[field]
+            text = render_text(value, f"row {i}, field '{field}'")
+            if not text.strip():
+                raise LabelError(f"row {i}, field '{field}': empty text; fix or drop the row.")
+            texts.append(text)
+        rows.append(tuple(texts))
+    return dataset, col1, col2, has_human, rows
+
+
+def _labeled_columns(records, p, r1_values, r2_values, chain_of_thought, has_human) -> dict[str, list]:
+    """The columns the AI labels add or replace: ai_* values, and chosen/rejected oriented by the AI preference."""
+    first_wins = p >= 0.5
+    extra: dict[str, list] = {
+        "ai_preference": p.tolist(),
+        "ai_p_order_a": [r["p_order_a"] for r in records],
+        "ai_p_order_b": [r["p_order_b"] for r in records],
+        "ai_position_biased": [r["position_biased"] for r in records],
+        "ai_truncated": [r["truncated"] for r in records],
+    }
+    if chain_of_thought:
+        extra["ai_rationale_a"] = [r.get("rationale_a") for r in records]
+        extra["ai_rationale_b"] = [r.get("rationale_b") for r in records]
+    if has_human:
+        extra["response_1"] = list(r1_values)
+        extra["response_2"] = list(r2_values)
+        extra["human_preference"] = [1.0] * len(records)
+    extra["chosen"] = [a if w else b for a, b, w in zip(r1_values, r2_values, first_wins)]
+    extra["rejected"] = [b if w else a for a, b, w in zip(r1_values, r2_values, first_wins)]
+    return extra
 
 
 # ------------------------------------------------------------------------------------------ `treg label` helpers

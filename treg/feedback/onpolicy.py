@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 import torch
 from datasets import Dataset
 
+from treg.generation import generate
+
 Scorer = Callable[[object, str], float]
 
 
@@ -149,8 +151,6 @@ def sample_responses(model, tokenizer, prompts: Sequence, *, num_samples: int, t
         return _sample_vllm(model, prompts, num_samples, temperature, max_new_tokens, seed)
     if backend != "hf":
         raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}.")
-    from treg.evaluation.generate import generate
-
     has_template = bool(getattr(tokenizer, "chat_template", None))
     inputs = [_as_messages(p) if (has_template or not isinstance(p, str)) else p for p in prompts]
     return generate(
@@ -334,3 +334,73 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ------------------------------------------------------------------------------------- the embedded toy task (oracle)
+def make_onpolicy_pairs(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int = 4,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    show_progress: bool = True,
+) -> tuple[Dataset, dict]:
+    """Preference pairs built the T-REG/SimPO papers' way, with the oracle as the reward model.
+
+    For each prompt, sample ``num_samples`` responses from ``model`` (the SFT policy), score them with
+    :func:`oracle`, keep the best as chosen and the worst as rejected, and drop the prompt when all scores tie (or
+    fewer than two non-empty responses came back). Returns ``(dataset, stats)``; the dataset is conversational with
+    ``chosen_defects`` / ``rejected_defects`` (one flag per word) and ``chosen_score`` / ``rejected_score``.
+    """
+    from treg.synthetic import oracle
+
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    samples = generate(
+        model, tokenizer, messages, num_samples=num_samples, do_sample=True, temperature=temperature,
+        max_new_tokens=24, batch_size=batch_size, seed=seed, show_progress=show_progress, desc="Sampling responses",
+    )
+    rows, counts = pairs_from_samples(prompts, samples, lambda p, r: oracle(p, r)[0])
+    for row in rows:  # the oracle's per-word defect flags of the two kept responses
+        prompt = row["prompt"][0]["content"]
+        row["chosen_defects"] = oracle(prompt, row["chosen"][0]["content"])[1]
+        row["rejected_defects"] = oracle(prompt, row["rejected"][0]["content"])[1]
+    all_scores = [oracle(p, t.strip())[0] for p, texts in zip(prompts, samples) for t in texts]
+    stats = {
+        "prompts": len(prompts),
+        "pairs": len(rows),
+        "dropped_ties": counts["dropped_ties"],
+        "dropped_empty": counts["dropped_empty"],
+        "sample_oracle_score": sum(all_scores) / max(len(all_scores), 1),
+    }
+    return Dataset.from_list(rows), stats
+
+
+def _answer_oracle_score(model, tokenizer, prompts, batch_size, show_progress, **sampling) -> dict:
+    from treg.synthetic import oracle
+
+    texts = generate(
+        model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=24,
+        batch_size=batch_size, show_progress=show_progress, desc="Answering held-out prompts", **sampling,
+    )
+    scores = [oracle(p, t[0].strip())[0] for p, t in zip(prompts, texts)]
+    return {
+        "oracle_accuracy": sum(scores) / len(scores),
+        "exact_match": sum(s == 1.0 for s in scores) / len(scores),
+        "samples": [(p, t[0]) for p, t in zip(prompts[:5], texts[:5])],
+    }
+
+
+def greedy_oracle_score(model, tokenizer, prompts: list[str], batch_size: int = 64,
+                        show_progress: bool = True) -> dict:
+    """Greedy answers to plain prompts, scored by the oracle: mean score and exact-match rate."""
+    return _answer_oracle_score(model, tokenizer, prompts, batch_size, show_progress)
+
+
+def sampled_oracle_score(model, tokenizer, prompts: list[str], seed: int = 0, temperature: float = 1.0,
+                         batch_size: int = 64, show_progress: bool = True) -> dict:
+    """One answer per prompt sampled at ``temperature`` (the distribution the pairs were drawn from), scored."""
+    return _answer_oracle_score(model, tokenizer, prompts, batch_size, show_progress, do_sample=True,
+                                temperature=temperature, seed=seed)

@@ -32,11 +32,9 @@ import pyarrow.parquet as pq
 from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 
+from treg.files import default_cache_dir
+
 logger = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("TREG_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "treg"))
 
 
 def fingerprint(settings: dict, id_lists: Iterable[Sequence[Sequence[int]]] = ()) -> str:

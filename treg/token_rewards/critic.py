@@ -335,7 +335,7 @@ class HFCritic:
         return text
 
     def __call__(self, prompts: list[str]) -> list[str | None]:
-        from treg.evaluation.generate import generate, render_prompt
+        from treg.generation import generate, render_prompt
 
         limit = getattr(self.model.config, "max_position_embeddings", None)
         out: list[str | None] = [None] * len(prompts)

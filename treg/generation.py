@@ -28,7 +28,7 @@ import uuid
 import torch
 
 from treg.files import write_text_atomic
-from treg.scoring import is_partitioned
+from treg.models import is_partitioned
 
 
 def render_prompt(tokenizer, prompt) -> list[int]:
@@ -140,20 +140,6 @@ def _generate_vllm(model, tokenizer, prompts, *, num_samples, do_sample, tempera
     inputs = [TokensPrompt(prompt_token_ids=render_prompt(tokenizer, p)) for p in prompts]
     outputs = llm.generate(inputs, params)
     return [[c.text for c in o.outputs] for o in outputs]
-
-
-def load_causal_lm(spec: str, device: str | None = None, dtype: str | None = "auto"):
-    """(model, tokenizer) for ``treg:tiny`` (the embedded tiny model) or a local path / hub id, in eval mode."""
-    from treg.synthetic import load_causal_lm
-
-    model, tokenizer = load_causal_lm(spec, show_progress=False, dtype=dtype or "auto")
-    if spec != "treg:tiny":
-        model.config.name_or_path = spec
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
 
 
 def generate_answers(
