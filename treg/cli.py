@@ -158,15 +158,11 @@ def cmd_viz(argv: list[str]) -> int:
     return 0
 
 
-def cmd_label(argv: list[str]) -> int:
-    """RLAIF pairwise AI preference labels (METHOD.md §4): labeled dataset + report.json under output_dir."""
-    import json
-    import shutil
-    import tempfile
-
+def _label_settings(argv: list[str]) -> dict:
+    """Read the `treg label` settings: defaults, then the recipe, then the flags; typed and checked."""
     import yaml
 
-    from treg.feedback.labels import LABEL_KEYS, load_label_dataset, parse_bool
+    from treg.feedback.labels import LABEL_KEYS, parse_bool
 
     parser = argparse.ArgumentParser(prog="treg label", description="Label preference pairs with an AI labeler.")
     parser.add_argument("--config", default=None, help="YAML recipe with the keys below; flags override it")
@@ -202,29 +198,20 @@ def cmd_label(argv: list[str]) -> int:
             raise RecipeError(f"{key} is required (in the recipe or as --{key}).")
     if values["output_format"] not in ("disk", "jsonl"):
         raise RecipeError(f"output_format must be disk or jsonl, got {values['output_format']!r}.")
+    return values
 
-    from treg.feedback.labels import LabelError, label_dataset
-    from treg.models import load_causal_lm
 
-    name = values["model_name_or_path"]
-    model, tokenizer = load_causal_lm(name)
-    dataset = load_label_dataset(values)
-    try:
-        labeled, report = label_dataset(
-            model, tokenizer, dataset, task=values["task"], chain_of_thought=values["chain_of_thought"],
-            both_orders=values["both_orders"], batch_size=values["batch_size"],
-            max_rationale_tokens=values["max_rationale_tokens"], max_length=values["max_length"],
-        )
-    except LabelError as e:
-        print(f"treg label: {e}", file=sys.stderr)
-        return 2
-    report.update(model=name, dataset=values["dataset"])
-    out_dir = values["output_dir"]
+def _write_labels(labeled, report: dict, out_dir: str, output_format: str) -> str:
+    """Write the labeled dataset and report.json into ``out_dir`` atomically; returns the dataset's path."""
+    import json
+    import shutil
+    import tempfile
+
     os.makedirs(out_dir, exist_ok=True)
-    final = os.path.join(out_dir, "labeled" if values["output_format"] == "disk" else "labeled.jsonl")
+    final = os.path.join(out_dir, "labeled" if output_format == "disk" else "labeled.jsonl")
     tmp = tempfile.mkdtemp(prefix=".tmp-label-", dir=out_dir)
     try:  # atomic: write into a temp dir, then rename into place
-        if values["output_format"] == "disk":
+        if output_format == "disk":
             labeled.save_to_disk(os.path.join(tmp, "labeled"))
         else:
             labeled.to_json(os.path.join(tmp, "labeled.jsonl"), lines=True, force_ascii=False)
@@ -240,6 +227,32 @@ def cmd_label(argv: list[str]) -> int:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def cmd_label(argv: list[str]) -> int:
+    """RLAIF pairwise AI preference labels (METHOD.md §4): labeled dataset + report.json under output_dir."""
+    import json
+
+    values = _label_settings(argv)
+
+    from treg.feedback.labels import LabelError, label_dataset, load_label_dataset
+    from treg.models import load_causal_lm
+
+    name = values["model_name_or_path"]
+    model, tokenizer = load_causal_lm(name)
+    dataset = load_label_dataset(values)
+    try:
+        labeled, report = label_dataset(
+            model, tokenizer, dataset, task=values["task"], chain_of_thought=values["chain_of_thought"],
+            both_orders=values["both_orders"], batch_size=values["batch_size"],
+            max_rationale_tokens=values["max_rationale_tokens"], max_length=values["max_length"],
+        )
+    except LabelError as e:
+        print(f"treg label: {e}", file=sys.stderr)
+        return 2
+    report.update(model=name, dataset=values["dataset"])
+    final = _write_labels(labeled, report, values["output_dir"], values["output_format"])
     print(json.dumps(report, indent=2))
     print(f"labeled {report['n_pairs']} pairs -> {final}")
     return 0

@@ -124,6 +124,58 @@ def _sign_agreement(token_rewards: torch.Tensor, implicit_rewards: torch.Tensor,
     return agree.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
 
 
+def _base_loss_and_weight(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    *,
+    base: str,
+    beta: float,
+    gamma: float,
+    loss_type: str,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base objective L_DPO or L_SimPO and its sequence weight w = stopgrad σ(r_l − r_w + γ). Shapes ``[B]``."""
+    if base == "dpo":
+        base_losses = dpo_loss(
+            chosen_rewards,
+            rejected_rewards,
+            beta=beta,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+            chosen_lengths=chosen_mask.sum(dim=-1),
+            rejected_lengths=rejected_mask.sum(dim=-1),
+        )
+        return base_losses, sequence_weight(chosen_rewards, rejected_rewards)
+    base_losses = simpo_loss(chosen_rewards, rejected_rewards, gamma=gamma)
+    return base_losses, sequence_weight(chosen_rewards, rejected_rewards, gamma=gamma)
+
+
+def _regularizer_losses(
+    weights, chosen_token_rewards, rejected_token_rewards, chosen_tok, rejected_tok, chosen_mask, rejected_mask
+) -> torch.Tensor:
+    """The weighted token-level term w·(L_REG(x, y_w) + L_REG(x, y_l)), before α. Shape ``[B]``."""
+    if chosen_token_rewards is None or rejected_token_rewards is None:
+        raise ValueError("alpha != 0 needs chosen_token_rewards and rejected_token_rewards.")
+    return weights * (
+        token_regularizer(chosen_token_rewards, chosen_tok, chosen_mask)
+        + token_regularizer(rejected_token_rewards, rejected_tok, rejected_mask)
+    )
+
+
+def _token_agreements(
+    chosen_token_rewards, rejected_token_rewards, chosen_tok, rejected_tok, chosen_mask, rejected_mask, like
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached per-side sign agreement of r̂_t and r_θ(y_t); NaN (shaped like ``like``) without token rewards."""
+    if chosen_token_rewards is not None and rejected_token_rewards is not None:
+        chosen_agree = _sign_agreement(chosen_token_rewards, chosen_tok.detach(), chosen_mask)
+        rejected_agree = _sign_agreement(rejected_token_rewards, rejected_tok.detach(), rejected_mask)
+        return chosen_agree, rejected_agree
+    nan = torch.full_like(like, float("nan")).detach()
+    return nan, nan
+
+
 def treg_loss(
     *,
     policy_chosen_logps: torch.Tensor,
@@ -149,8 +201,7 @@ def treg_loss(
         w = stopgrad σ(r(x, y_l) − r(x, y_w) + γ)        (γ = 0 for DPO)
 
     with r_θ and r from :func:`implicit_token_rewards` (DPO: β·log π/π_ref; SimPO: β/|y|·log π). ``alpha=0`` is
-    exactly the base loss. Per chosen token the DPO-sigmoid gradient weight is β·w·(1 + α·r̂_t), per rejected token
-    −β·w·(1 − α·r̂_t).
+    exactly the base loss. Per-token DPO-sigmoid gradient weights: β·w·(1 + α·r̂_t) chosen, −β·w·(1 − α·r̂_t) rejected.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``[B, T]`` per-token log-probs of the completion tokens.
@@ -176,41 +227,25 @@ def treg_loss(
     )
     chosen_rewards, rejected_rewards = chosen_tok.sum(dim=-1), rejected_tok.sum(dim=-1)
 
-    if base == "dpo":
-        base_losses = dpo_loss(
-            chosen_rewards,
-            rejected_rewards,
-            beta=beta,
-            loss_type=loss_type,
-            label_smoothing=label_smoothing,
-            chosen_lengths=chosen_mask.sum(dim=-1),
-            rejected_lengths=rejected_mask.sum(dim=-1),
-        )
-        weights = sequence_weight(chosen_rewards, rejected_rewards)
-    else:
-        base_losses = simpo_loss(chosen_rewards, rejected_rewards, gamma=gamma)
-        weights = sequence_weight(chosen_rewards, rejected_rewards, gamma=gamma)
+    base_losses, weights = _base_loss_and_weight(
+        chosen_rewards, rejected_rewards, chosen_mask, rejected_mask,
+        base=base, beta=beta, gamma=gamma, loss_type=loss_type, label_smoothing=label_smoothing,
+    )
     if not use_sequence_weight:
         weights = torch.ones_like(weights)
 
     if alpha != 0.0:
-        if chosen_token_rewards is None or rejected_token_rewards is None:
-            raise ValueError("alpha != 0 needs chosen_token_rewards and rejected_token_rewards.")
-        reg_losses = weights * (
-            token_regularizer(chosen_token_rewards, chosen_tok, chosen_mask)
-            + token_regularizer(rejected_token_rewards, rejected_tok, rejected_mask)
+        reg_losses = _regularizer_losses(
+            weights, chosen_token_rewards, rejected_token_rewards, chosen_tok, rejected_tok, chosen_mask, rejected_mask
         )
         losses = base_losses + alpha * reg_losses
     else:
         reg_losses = torch.zeros_like(base_losses)
         losses = base_losses
 
-    if chosen_token_rewards is not None and rejected_token_rewards is not None:
-        chosen_agree = _sign_agreement(chosen_token_rewards, chosen_tok.detach(), chosen_mask)
-        rejected_agree = _sign_agreement(rejected_token_rewards, rejected_tok.detach(), rejected_mask)
-    else:
-        chosen_agree = rejected_agree = torch.full_like(base_losses, float("nan")).detach()
-
+    chosen_agree, rejected_agree = _token_agreements(
+        chosen_token_rewards, rejected_token_rewards, chosen_tok, rejected_tok, chosen_mask, rejected_mask, base_losses
+    )
     return TRegLossOutput(
         losses=losses,
         base_losses=base_losses.detach(),

@@ -216,6 +216,51 @@ def _mpl_text(text: str) -> str:
     return text.replace("$", r"\$")  # '$' would start mathtext
 
 
+def _draw_png_heatmap(ax, hm: TokenHeatmap, cmap, divisors: dict[str, float], width_tokens: int, annotate: bool):
+    """Draw one heatmap on its axes: a coloured cell per token and signal (values printed when ``annotate``)."""
+    import numpy as np
+
+    labels = list(hm.rows)
+    n = len(hm.tokens)
+    image = np.ones((len(labels) + (hm.defects is not None), max(n, 1), 4))
+    for i, label in enumerate(labels):
+        values = np.asarray(hm.rows[label], dtype=np.float64)
+        colours = cmap(np.clip(np.nan_to_num(values, nan=0.0) / divisors[label], -1, 1) * 0.5 + 0.5)
+        colours[~np.isfinite(values)] = (*(np.array(_NAN) / 255), 1.0)
+        image[i, :n] = colours
+        if annotate:
+            decimals = min(4, max(1, 1 - math.floor(math.log10(divisors[label]))))
+            for j, v in enumerate(hm.rows[label]):
+                strong = math.isfinite(v) and abs(v) / divisors[label] > 0.6
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.{decimals}f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if strong else "black",
+                )
+    if hm.defects is not None:
+        image[len(labels), :n] = [(*(np.array(_DEFECT if f else (245, 245, 245)) / 255), 1.0) for f in hm.defects]
+        labels.append("defect")
+    if n == 0:
+        image[:, :] = 1.0
+    ax.imshow(image, aspect="auto", interpolation="nearest")
+    ax.set_xlim(-0.5, width_tokens - 0.5)
+    ax.set_xticks(range(n))
+    ticks = [_mpl_text(display_token(t)) for t in hm.tokens]
+    ax.set_xticklabels(ticks, rotation=90 if any(len(t) > 2 for t in ticks) else 0, fontsize=7)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels([_mpl_text(label) for label in labels], fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if hm.title:
+        title = hm.title if len(hm.title) <= 150 else hm.title[:149] + "…"
+        ax.set_title(_mpl_text(title.replace("\n", " ")), fontsize=9, loc="left")
+
+
 def render_png(heatmaps: Sequence[TokenHeatmap] | TokenHeatmap, path: str | os.PathLike, dpi: int = 150) -> str:
     """The same figure as :func:`render_html`, as a PNG drawn with matplotlib. Returns ``path``.
 
@@ -252,45 +297,7 @@ def render_png(heatmaps: Sequence[TokenHeatmap] | TokenHeatmap, path: str | os.P
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(heatmaps), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     for ax, hm in zip(axes, heatmaps):
-        labels = list(hm.rows)
-        n = len(hm.tokens)
-        image = np.ones((len(labels) + (hm.defects is not None), max(n, 1), 4))
-        for i, label in enumerate(labels):
-            values = np.asarray(hm.rows[label], dtype=np.float64)
-            colours = cmap(np.clip(np.nan_to_num(values, nan=0.0) / divisors[label], -1, 1) * 0.5 + 0.5)
-            colours[~np.isfinite(values)] = (*(np.array(_NAN) / 255), 1.0)
-            image[i, :n] = colours
-            if annotate:
-                decimals = min(4, max(1, 1 - math.floor(math.log10(divisors[label]))))
-                for j, v in enumerate(hm.rows[label]):
-                    strong = math.isfinite(v) and abs(v) / divisors[label] > 0.6
-                    ax.text(
-                        j,
-                        i,
-                        f"{v:.{decimals}f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color="white" if strong else "black",
-                    )
-        if hm.defects is not None:
-            image[len(labels), :n] = [(*(np.array(_DEFECT if f else (245, 245, 245)) / 255), 1.0) for f in hm.defects]
-            labels.append("defect")
-        if n == 0:
-            image[:, :] = 1.0
-        ax.imshow(image, aspect="auto", interpolation="nearest")
-        ax.set_xlim(-0.5, width_tokens - 0.5)
-        ax.set_xticks(range(n))
-        ticks = [_mpl_text(display_token(t)) for t in hm.tokens]
-        ax.set_xticklabels(ticks, rotation=90 if any(len(t) > 2 for t in ticks) else 0, fontsize=7)
-        ax.set_yticks(range(len(labels)))
-        ax.set_yticklabels([_mpl_text(label) for label in labels], fontsize=8)
-        ax.tick_params(length=0)
-        for spine in ax.spines.values():
-            spine.set_visible(False)
-        if hm.title:
-            title = hm.title if len(hm.title) <= 150 else hm.title[:149] + "…"
-            ax.set_title(_mpl_text(title.replace("\n", " ")), fontsize=9, loc="left")
+        _draw_png_heatmap(ax, hm, cmap, divisors, width_tokens, annotate)
     scale_note = ";  ".join(f"{label}: ±{s:.3g}" for label, s in scales.items())
     note = textwrap.wrap(f"red < 0 < green, per-signal scales: {scale_note}", width=max(60, int(fig_width * 15)))
     fig_height = fig.get_figheight() + 0.13 * len(note)
@@ -394,6 +401,66 @@ def _check_rows(rows, n: int | None) -> list[int]:
     return out
 
 
+def _prepare_rows(
+    reference, tokenizer, selected, rows, *, beta, max_length, cache_dir, batch_size, positive_template,
+    negative_template,
+):
+    """Tokenize the selected rows and attach the reference's r̂ exactly as TRegTrainer does for training."""
+    import torch
+
+    from treg.data import PreferenceDataError
+    from treg.trainer import TRegConfig, TRegTrainer
+
+    templates = {}
+    if positive_template is not None:
+        templates["contrastive_positive_template"] = positive_template
+    if negative_template is not None:
+        templates["contrastive_negative_template"] = negative_template
+    with tempfile.TemporaryDirectory(prefix="treg-viz-") as tmp:
+        config = TRegConfig(
+            output_dir=tmp,
+            treg_alpha=1.0,
+            beta=beta,
+            max_length=max_length,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            report_to="none",
+            activation_checkpointing=False,
+            disable_tqdm=True,
+            save_strategy="no",
+            token_reward_cache_dir=cache_dir,
+            token_reward_batch_size=batch_size,
+            precompute_ref_batch_size=batch_size,
+            **templates,
+        )
+        try:
+            trainer = TRegTrainer(reference, args=config, train_dataset=selected, processing_class=tokenizer)
+        except PreferenceDataError as e:
+            raise PreferenceDataError(f"{e} (row numbers count within the selected rows {rows})") from e
+        prepared = trainer.train_dataset
+        del trainer
+    return prepared
+
+
+def _policy_token_rewards(checkpoint_model, reference, tokenizer, prepared, entries, *, beta, batch_size):
+    """The checkpoint's implicit token rewards β·(log π_ckpt − log π_ref) of every entry's kept completion tokens."""
+    import numpy as np
+
+    from treg.scoring import score_completions
+
+    device = next(reference.parameters()).device
+    if next(checkpoint_model.parameters()).device != device:
+        checkpoint_model.to(device)
+    items = [(prepared[i]["prompt_ids"], ids[:kept]) for i, _, ids, kept in entries]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    kw = dict(batch_size=batch_size, pad_token_id=pad_id, show_progress=False)
+    ref_logps = score_completions(reference, items, desc="Reference log-probs", **kw)
+    ckpt_logps = score_completions(checkpoint_model, items, desc="Checkpoint log-probs", **kw)
+    return [
+        (beta * (c.astype(np.float64) - r.astype(np.float64))).tolist() for c, r in zip(ckpt_logps, ref_logps)
+    ]
+
+
 def compute_heatmaps(
     checkpoint_model,
     tokenizer,
@@ -428,48 +495,17 @@ def compute_heatmaps(
         policy_label: label of the implicit-reward row (default ``POLICY_LABEL``).
         cache_dir: token-reward cache root (default ``$TREG_CACHE_DIR`` or ``~/.cache/treg``; "none" disables).
     """
-    import numpy as np
-    import torch
-
-    from treg.data import PreferenceDataError
-    from treg.scoring import score_completions
     from treg.token_rewards import CHOSEN_REWARDS, REJECTED_REWARDS, kept_completion_length
-    from treg.trainer import TRegConfig, TRegTrainer
 
     if side not in SIDES:
         raise VizError(f"side={side!r}: choose one of {list(SIDES)}.")
     rows = _check_rows(rows, len(dataset))
     sides = ("chosen", "rejected") if side == "both" else (side,)
     reference = ref_model if ref_model is not None else checkpoint_model
-    templates = {}
-    if positive_template is not None:
-        templates["contrastive_positive_template"] = positive_template
-    if negative_template is not None:
-        templates["contrastive_negative_template"] = negative_template
-    selected = dataset.select(rows)
-    with tempfile.TemporaryDirectory(prefix="treg-viz-") as tmp:
-        config = TRegConfig(
-            output_dir=tmp,
-            treg_alpha=1.0,
-            beta=beta,
-            max_length=max_length,
-            use_cpu=not torch.cuda.is_available(),
-            bf16=False,
-            report_to="none",
-            activation_checkpointing=False,
-            disable_tqdm=True,
-            save_strategy="no",
-            token_reward_cache_dir=cache_dir,
-            token_reward_batch_size=batch_size,
-            precompute_ref_batch_size=batch_size,
-            **templates,
-        )
-        try:
-            trainer = TRegTrainer(reference, args=config, train_dataset=selected, processing_class=tokenizer)
-        except PreferenceDataError as e:
-            raise PreferenceDataError(f"{e} (row numbers count within the selected rows {rows})") from e
-        prepared = trainer.train_dataset
-        del trainer
+    prepared = _prepare_rows(
+        reference, tokenizer, dataset.select(rows), rows, beta=beta, max_length=max_length, cache_dir=cache_dir,
+        batch_size=batch_size, positive_template=positive_template, negative_template=negative_template,
+    )
 
     rewards_col = {"chosen": CHOSEN_REWARDS, "rejected": REJECTED_REWARDS}
     entries = []  # (selection index, side, kept completion ids)
@@ -482,17 +518,9 @@ def compute_heatmaps(
 
     policy_values = None
     if ref_model is not None:
-        device = next(reference.parameters()).device
-        if next(checkpoint_model.parameters()).device != device:
-            checkpoint_model.to(device)
-        items = [(prepared[i]["prompt_ids"], ids[:kept]) for i, _, ids, kept in entries]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        kw = dict(batch_size=batch_size, pad_token_id=pad_id, show_progress=False)
-        ref_logps = score_completions(reference, items, desc="Reference log-probs", **kw)
-        ckpt_logps = score_completions(checkpoint_model, items, desc="Checkpoint log-probs", **kw)
-        policy_values = [
-            (beta * (c.astype(np.float64) - r.astype(np.float64))).tolist() for c, r in zip(ckpt_logps, ref_logps)
-        ]
+        policy_values = _policy_token_rewards(
+            checkpoint_model, reference, tokenizer, prepared, entries, beta=beta, batch_size=batch_size
+        )
 
     heatmaps = []
     for k, (i, s, ids, kept) in enumerate(entries):
