@@ -239,3 +239,98 @@ def test_show_with_style_control_needs_and_uses_answers(tmp_path):
         ah.show(str(d), style="style", rounds=5)
     scores = ah.show(str(d), answers_dir=str(answers), style="length", rounds=10)
     assert set(scores["style_coefs"]) == {"token_len"} and 0 < scores["models"]["m"]["score"] < 100
+
+
+def _answer_rows(model, n, text, meta=None, old_format=False):
+    """model_answer rows: v2.0 format (``metadata``) or the original v0.1 one (``choices[0].turns[0].token_len``)."""
+    rows = []
+    for i in range(n):
+        if old_format:
+            turn = {"content": text(i)} | ({"token_len": meta(i)["token_len"]} if meta else {})
+            rows.append({"question_id": f"q{i}", "model_id": model, "choices": [{"index": 0, "turns": [turn]}]})
+        else:
+            row = {"uid": f"q{i}", "model": model, "messages": [{"role": "user", "content": "q"}]}
+            row["messages"].append({"role": "assistant", "content": {"answer": text(i)}})
+            if meta:
+                row["metadata"] = meta(i)
+            rows.append(row)
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _style(token_len):
+    return {
+        "token_len": token_len,
+        "header_count": {f"h{k}": 0 for k in range(1, 7)},
+        "list_count": {"ordered": 0, "unordered": 0},
+        "bold_count": {"**": 0, "__": 0},
+    }
+
+
+def test_stored_token_len_is_used_and_its_source_reported(tmp_path, capsys):
+    """The answer files' own token_len (v2.0 metadata; v0.1 choices[0].turns[0]) is what the average and the length
+    control use; it is counted only where absent, and the scores say which. All answers here are the same text, so
+    a recount would give equal lengths (no length effect); the stored lengths follow the verdicts."""
+    rng = np.random.default_rng(3)
+    n = 60
+    wins = rng.integers(0, 2, n)
+    recs = [_record(f"q{i}", "m", "B>A" if wins[i] else "A>B", "A>B" if wins[i] else "B>A") for i in range(n)]
+    d = tmp_path / "judgments"
+    d.mkdir()
+    (d / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    answers = tmp_path / "model_answer"
+    answers.mkdir()
+    same = lambda i: "same text"  # noqa: E731
+    (answers / "m.jsonl").write_text(_answer_rows("m", n, same, lambda i: _style(300 + 200 * int(wins[i]))))
+    (answers / "gpt-4-0314.jsonl").write_text(_answer_rows("gpt-4-0314", n, same, lambda i: _style(350), True))
+    scores = ah.show(str(d), answers_dir=str(answers), style="length", rounds=5)
+    assert scores["models"]["m"]["avg_tokens"] == pytest.approx(300 + 200 * wins.mean())
+    assert scores["models"]["gpt-4-0314"]["avg_tokens"] == 350.0
+    assert scores["token_len_source"] == f"stored token_len ({n} answers)" and scores["token_counter"] is None
+    assert scores["style_coefs"]["token_len"] > 0.5  # the stored lengths explain the verdicts
+    # without stored lengths: counted (equal for equal texts), and the counter is named
+    (answers / "m.jsonl").write_text(_answer_rows("m", n, same))
+    counted = ah.show(str(d), answers_dir=str(answers), style="length", rounds=5)
+    assert counted["models"]["m"]["token_len_source"] == f"counted with {counted['token_counter']} ({n} answers)"
+    assert counted["models"]["gpt-4-0314"]["token_len_source"] == f"stored token_len ({n} answers)"
+    assert "gpt-4-0314: stored" in counted["token_len_source"] and "m: counted" in counted["token_len_source"]
+    assert abs(counted["style_coefs"]["token_len"]) < 1e-6
+    assert eval_main(["arena-hard", "show", "--judgments", str(d), "--answers-dir", str(answers), "--rounds", "5"]) == 0
+    assert "token lengths: " in capsys.readouterr().out
+
+
+def test_a_malformed_stored_token_len_names_the_file_and_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(_answer_rows("m", 2, lambda i: "x", lambda i: _style("long" if i else 3)))
+    with pytest.raises(ah.ArenaHardError, match=r"a\.jsonl line 2: token_len must be a non-negative number"):
+        ah.load_answers(str(path))
+
+
+def test_show_accepts_the_run_folder_that_treg_eval_prints(tmp_path, capsys):
+    run = tmp_path / "eval_results" / "arena_hard_v0.1" / "tiny"
+    recs = [_record("q1", "tiny", "B>A", "A>B"), _record("q2", "tiny", "A>B", "A=B")]
+    ah.write_judgments(str(run / "model_judgment"), "treg:tiny", "tiny", recs)
+    (run / "judgment_cache").mkdir()
+    (run / "judgment_cache" / "shard.jsonl").write_text("{}\n")  # never read as judgments
+    expected = ah.show(str(run / "model_judgment" / "treg_tiny"), rounds=5)
+    for path in (run, run / "model_judgment"):
+        assert ah.show(str(path), rounds=5) == expected
+    assert eval_main(["arena-hard", "show", "--judgments", str(run), "--rounds", "5"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    ah.write_judgments(str(run / "model_judgment"), "other-judge", "tiny", recs)
+    with pytest.raises(ah.ArenaHardError, match="several judges .*other-judge, treg_tiny.*model_judgment/<judge>"):
+        ah.show(str(run), rounds=5)
+    with pytest.raises(ah.ArenaHardError, match="not found; pass the run folder"):
+        ah.show(str(tmp_path / "nope"), rounds=5)
+
+
+def test_a_binary_judgment_file_is_named(tmp_path):
+    (tmp_path / "m.jsonl").write_bytes(b"\xf0\x28\x8c\x28" * 50)
+    with pytest.raises(ah.ArenaHardError, match=r"m\.jsonl: not UTF-8 text"):
+        ah.show(str(tmp_path))
+
+
+def test_max_instances_must_be_positive(capsys):
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            eval_main(["arena-hard", "--model", "treg:tiny", "--max-instances", bad])
+        assert e.value.code == 2 and "argument --max-instances: must be a positive integer" in capsys.readouterr().err

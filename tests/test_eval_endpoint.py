@@ -18,8 +18,9 @@ class FakeServer:
     """A scripted /v1/chat/completions. ``mode``: "logprobs", "text", "refuse-logprobs"; ``verdicts``: texts returned
     in turn for long generations; ``fail_first``: answer 503 to the first N requests."""
 
-    def __init__(self, mode="logprobs", verdicts=(), fail_first=0, p_m=0.8):
+    def __init__(self, mode="logprobs", verdicts=(), fail_first=0, p_m=0.8, no_logprobs_for=None):
         self.mode, self.verdicts, self.fail_first, self.p_m = mode, list(verdicts), fail_first, p_m
+        self.no_logprobs_for = no_logprobs_for  # requests containing this text get an unparsable "x" and no logprobs
         self.requests, self.headers = [], []
         server = self
 
@@ -64,6 +65,8 @@ class FakeServer:
         else:
             text = self.verdicts.pop(0) if self.verdicts else "My final verdict is: [[A=B]]"
             choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+        if self.no_logprobs_for and self.no_logprobs_for in json.dumps(body["messages"]):
+            choice = {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "x"}}
         return 200, {
             "id": "x",
             "object": "chat.completion",
@@ -152,7 +155,6 @@ def test_server_errors_are_retried(server_factory):
 def test_alpaca_eval_evaluate_with_treg_annotator_config(server_factory, tmp_path, monkeypatch):
     """alpaca_eval's own pipeline (annotator config from eval/alpaca_eval, local reference outputs, no hub)."""
     from treg.evaluation import alpaca_eval as ae
-    from treg.evaluation.data import REPO_ROOT
 
     monkeypatch.setenv("TREG_TEST_KEY", KEY)
     server = server_factory(mode="logprobs", p_m=0.25)  # P(output_1 = "m" better) = 0.25 before any switching
@@ -162,7 +164,7 @@ def test_alpaca_eval_evaluate_with_treg_annotator_config(server_factory, tmp_pat
         outputs,
         reference,
         list(range(4)),
-        config_dir=f"{REPO_ROOT}/eval/alpaca_eval/treg_weighted_endpoint",
+        config_dir="treg_weighted_endpoint",  # shipped with treg, found through the package
         judge_model="judge-model",
         base_url=server.url,
         out_dir=str(tmp_path),
@@ -174,3 +176,27 @@ def test_alpaca_eval_evaluate_with_treg_annotator_config(server_factory, tmp_pat
     assert sorted({round(a["preference"], 6) for a in annotations}) <= [1.25, 1.75]
     assert metrics["n_failed"] == 0 and 25.0 <= metrics["win_rate"] <= 75.0
     assert KEY not in (tmp_path / "annotator" / "treg_weighted_endpoint" / "configs.yaml").read_text()
+
+
+def test_annotator_path_keeps_instruction_indices_of_a_subset_with_a_failed_judgment(server_factory, tmp_path):
+    """--annotator-config on a subset (rows 5, 2, 0, 3 of the reference) where the judgment of row 2 fails: every
+    annotation carries its own row's index (not its position after the failure is dropped); the failure is counted."""
+    from treg.evaluation import alpaca_eval as ae
+
+    server = server_factory(mode="logprobs", p_m=0.25, no_logprobs_for="task 2")
+    reference = [{"instruction": f"task {i}", "output": f"reference {i}", "generator": "ref"} for i in range(6)]
+    indices = [5, 2, 0, 3]
+    outputs = [{"instruction": f"task {i}", "output": f"mine {i}", "generator": "mine"} for i in indices]
+    annotations, metrics = ae.evaluate_with_annotator(
+        outputs,
+        reference,
+        indices,
+        config_dir="treg_weighted_endpoint",
+        judge_model="judge-model",
+        base_url=server.url,
+        out_dir=str(tmp_path),
+        api_key_env="TREG_NO_SUCH_KEY",
+    )
+    assert {a["instruction"]: a["index"] for a in annotations} == {f"task {i}": i for i in indices}
+    failed = [a["instruction"] for a in annotations if a["preference"] != a["preference"]]
+    assert failed == ["task 2"] and metrics["n_failed"] == 1 and metrics["n_total"] == 3

@@ -4,19 +4,25 @@ What comes from the package: the judge prompt (``alpaca_eval_clf_gpt4_turbo/alpa
 weighted GPT-4-turbo annotator's), the metrics (``alpaca_eval.metrics.get_winrate``: win rate and standard error;
 ``get_length_controlled_winrate``: the length-controlled win rate), the instance subset for ``--max-instances`` (the
 same shuffle, seed 123, as ``alpaca_eval.evaluate``), and — for an endpoint judge run the official way — the whole
-annotation pipeline (``alpaca_eval.evaluate`` with an annotator config from ``eval/alpaca_eval/``, local
-``reference_outputs``, ``precomputed_leaderboard=None`` and a cache in the run directory).
+annotation pipeline (``alpaca_eval.evaluate`` with an annotator config from ``eval/alpaca_eval/``, shipped with treg,
+local ``reference_outputs``, ``precomputed_leaderboard=None`` and a cache in the run directory).
 
 What treg adds: a local log-prob judge or a treg endpoint judge reading the same prompt in both orders
 (:mod:`treg.evaluation.judges`), written as AlpacaEval annotations (``preference`` 1 = reference better, 2 = model
-better, fractional = weighted), then scored by the package's metric functions. A pair whose judgment failed has no
-preference: it is left out of the metrics (a NaN preference makes ``get_winrate`` raise) and counted in
-``n_failed``.
+better, fractional = weighted), then scored by the package's metric functions. A pair whose judgment failed has a
+NaN preference (``get_winrate`` would drop it with only an INFO log line): treg drops it itself before scoring,
+counts it in ``n_failed``, warns, and the report shows the count; it never counts as a tie or a loss.
+
+Instruction indices: every annotation carries ``index``, the instruction's row in the full 805-row reference, on
+every path (treg's judges set it; on the ``--annotator-config`` path it is attached by instruction), and it is set
+before failed rows are dropped. The LC GLM looks up each instruction's difficulty by that index; an annotation list
+without it is taken to be the full list in the official order (what ``alpaca_eval`` itself assumes).
 
 Length control: ``get_length_controlled_winrate`` fits its GLM with ``df_gamed.csv`` (instruction difficulty and the
 annotations of deliberately verbose/concise baselines), a file only on the Hugging Face hub (dataset
-``tatsu-lab/alpaca_eval``). When it is not in the local HF cache the LC win rate is reported as unavailable, with that
-reason, rather than replaced by a number computed differently.
+``tatsu-lab/alpaca_eval``). treg uses it from ``--lc-data DIR`` (a folder holding that file), else from the local HF
+cache; when neither has it the LC win rate is reported as unavailable with that reason, never replaced by a number
+computed differently.
 """
 
 from __future__ import annotations
@@ -29,20 +35,30 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
+from unittest import mock
 
 import yaml
 
+from treg.evaluation import data
 from treg.evaluation.judges import JudgePrompt, JudgeStats, JudgmentCache, PairwiseJudge, judge_both_orders
+from treg.files import UserError
 
 logger = logging.getLogger(__name__)
 
 CLF_TEMPLATE = "alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
 SUBSET_SEED = 123  # alpaca_eval.evaluate's shuffle before max_instances
+LC_FILE = "df_gamed.csv"
+LC_COLUMNS = ("model", "index", "instruction_difficulty", "preference", "std_delta_len", "not_gamed_baseline")
 LC_UNAVAILABLE = (
-    "length-controlled win rate unavailable: alpaca_eval's GLM needs df_gamed.csv (instruction difficulty and the "
-    "gamed baselines' annotations) from the Hugging Face hub dataset tatsu-lab/alpaca_eval, which is not in the local "
-    "HF cache and cannot be downloaded here. Run once with hub access to cache it; then LC works offline."
+    "length-controlled win rate unavailable: alpaca_eval's GLM needs df_gamed.csv (the instructions' difficulty and "
+    "the annotations of the deliberately verbose/concise baselines; Hugging Face hub dataset tatsu-lab/alpaca_eval); "
+    "no --lc-data DIR was given and the file is not in the local HF cache. Pass --lc-data DIR with df_gamed.csv "
+    "(downloaded once from the hub) to compute it offline."
 )
+
+
+class AlpacaEvalError(UserError):
+    """Malformed AlpacaEval files or settings; the message names the file, row or flag."""
 
 
 @contextlib.contextmanager
@@ -68,14 +84,21 @@ def package_dir() -> str:
 # ------------------------------------------------------------------------------------------------------- data
 def load_reference(path: str) -> list[dict]:
     """The reference outputs (``[{"instruction", "output", "generator", ...}]``) in the official order."""
-    with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AlpacaEvalError(f"{path} line {e.lineno} column {e.colno}: not JSON ({e.msg}).") from e
+    except UnicodeDecodeError as e:
+        raise AlpacaEvalError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON list.") from e
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path}: expected a non-empty JSON list of {{instruction, output, generator}} rows.")
+        raise AlpacaEvalError(f"{path}: expected a non-empty JSON list of {{instruction, output, generator}} rows.")
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise AlpacaEvalError(f"{path} row {i}: expected an object with 'instruction' and 'output'.")
         for key in ("instruction", "output"):
             if not isinstance(r.get(key), str):
-                raise ValueError(f"{path} row {i}: field {key!r} must be a string.")
+                raise AlpacaEvalError(f"{path} row {i}: field {key!r} must be a string.")
     return rows
 
 
@@ -85,7 +108,12 @@ def load_model_outputs(path: str) -> list[dict]:
 
 
 def select_instances(n_rows: int, max_instances: int | None) -> list[int]:
-    """Row indices to evaluate: all, or the first ``max_instances`` after alpaca_eval.evaluate's seeded shuffle."""
+    """Row indices to evaluate: all, or the first ``max_instances`` (a positive int) after alpaca_eval.evaluate's
+    seeded shuffle."""
+    if max_instances is not None and (isinstance(max_instances, bool) or not isinstance(max_instances, int)):
+        raise AlpacaEvalError(f"--max-instances must be a positive integer, got {max_instances!r}.")
+    if max_instances is not None and max_instances < 1:
+        raise AlpacaEvalError(f"--max-instances must be a positive integer (or left out for all), got {max_instances}.")
     if max_instances is None or max_instances >= n_rows:
         return list(range(n_rows))
     import pandas as pd
@@ -172,35 +200,89 @@ def make_prompt_from_item(template):
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
-def length_controlled(annotations) -> tuple[dict | None, str | None]:
-    """(LC metrics, None) from ``get_length_controlled_winrate``, or (None, reason) when its hub file is missing."""
+def lc_data_file(lc_data: str | None) -> str | None:
+    """``df_gamed.csv`` from ``--lc-data`` (a folder holding it, or the file), checked for the columns alpaca_eval's
+    GLM reads; ``None`` when not given."""
+    if lc_data is None:
+        return None
+    path = os.path.join(lc_data, LC_FILE) if os.path.isdir(lc_data) else lc_data
+    if not os.path.isfile(path):
+        raise AlpacaEvalError(
+            f"--lc-data {lc_data}: no {LC_FILE} there; it holds the instructions' difficulty and the verbose/concise "
+            "baselines' annotations (hub dataset tatsu-lab/alpaca_eval, file df_gamed.csv)."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = f.readline().strip().split(",")
+    except UnicodeDecodeError as e:
+        raise AlpacaEvalError(f"--lc-data {path}: not a CSV text file ({e.reason}).") from e
+    missing = [c for c in LC_COLUMNS if c not in header]
+    if missing:
+        raise AlpacaEvalError(f"--lc-data {path}: missing column(s) {missing}; expected alpaca_eval's {LC_FILE}.")
+    return path
+
+
+def _lc_source(lc_file: str | None):
+    """(a context that makes alpaca_eval read ``df_gamed.csv`` from ``lc_file``, None) or (None, reason)."""
+    if lc_file is not None:
+        import alpaca_eval.metrics.glm_winrate as glm
+
+        original = glm.hf_hub_download
+
+        def local(*args, filename=None, **kwargs):
+            if filename == LC_FILE:
+                return lc_file
+            return original(*args, filename=filename, **kwargs)
+
+        return mock.patch.object(glm, "hf_hub_download", local), None
     try:
         from huggingface_hub import hf_hub_download
 
-        hf_hub_download("tatsu-lab/alpaca_eval", "df_gamed.csv", repo_type="dataset", local_files_only=True)
+        hf_hub_download("tatsu-lab/alpaca_eval", LC_FILE, repo_type="dataset", local_files_only=True)
     except Exception:  # not in the cache (offline, or never downloaded)
         return None, LC_UNAVAILABLE
+    return contextlib.nullcontext(), None
+
+
+def length_controlled(annotations, lc_data: str | None = None) -> tuple[dict | None, str | None]:
+    """(LC metrics, None) from ``get_length_controlled_winrate``, or (None, reason) when ``df_gamed.csv`` is neither
+    in ``lc_data`` (a checked file path, :func:`lc_data_file`) nor in the local HF cache. ``annotations`` need their
+    ``index`` (the instruction's row in the full reference)."""
+    source, reason = _lc_source(lc_data)
+    if source is None:
+        return None, reason
     import pandas as pd
 
     ae = import_alpaca_eval()
-    df = pd.DataFrame(annotations)
+    df = annotations.copy() if isinstance(annotations, pd.DataFrame) else pd.DataFrame(list(annotations))
     try:
-        with _quiet_pkg_resources():
+        with _quiet_pkg_resources(), source:
             out = ae.metrics.get_length_controlled_winrate(df, save_weights_dir=None)
     except Exception as e:  # noqa: BLE001 — report why, never a number computed another way
         return None, f"length-controlled win rate failed in alpaca_eval: {type(e).__name__}: {e}"
     return {k: float(out[k]) for k in ("length_controlled_winrate", "lc_standard_error")}, None
 
 
-def compute_metrics(annotations: Sequence[dict]) -> dict:
+def compute_metrics(annotations: Sequence[dict], lc_data: str | None = None) -> dict:
     """Win rate ± standard error (and the discrete win rate, counts) from ``alpaca_eval.metrics.get_winrate`` on the
-    annotations that have a preference; LC when its inputs are available; failures counted."""
+    annotations that have a preference; LC when its inputs are available (``lc_data``: a checked ``df_gamed.csv``).
+    Failed judgments (NaN preference) are dropped here, counted in ``n_failed`` and warned about; each row keeps its
+    instruction ``index`` (rows without one are numbered by position first, i.e. taken to be the full official
+    list)."""
     import pandas as pd
 
     ae = import_alpaca_eval()
     df = pd.DataFrame(list(annotations))
+    if len(df) and "index" not in df.columns:
+        df["index"] = range(len(df))  # position in the full list, before any row is dropped
     valid = df[df["preference"].notna()].reset_index(drop=True) if len(df) else df
     out = {"n_instances": int(len(df)), "n_failed": int(len(df) - len(valid))}
+    if out["n_failed"]:
+        logger.warning(
+            "AlpacaEval: %d of %d judgments failed (no preference); left out of the win rate and counted in n_failed.",
+            out["n_failed"],
+            out["n_instances"],
+        )
     if len(valid) == 0:
         out.update(
             win_rate=None,
@@ -212,7 +294,7 @@ def compute_metrics(annotations: Sequence[dict]) -> dict:
     with _quiet_pkg_resources():
         metrics = ae.metrics.get_winrate(valid)
     out.update({k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v) for k, v in metrics.items()})
-    lc, reason = length_controlled(valid)
+    lc, reason = length_controlled(valid, lc_data)
     out["length_controlled_winrate"] = lc["length_controlled_winrate"] if lc else None
     out["lc_standard_error"] = lc["lc_standard_error"] if lc else None
     out["lc_unavailable_reason"] = reason
@@ -225,10 +307,30 @@ def compute_metrics(annotations: Sequence[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------ official annotator path
+def find_annotator_config(config: str) -> str:
+    """The ``configs.yaml`` of ``--annotator-config``: a folder or file that exists, else the config of that name
+    shipped with treg (``treg_weighted_endpoint``, ``treg_text_endpoint``; ``eval/alpaca_eval/NAME`` works too)."""
+    if os.path.exists(config):
+        path = os.path.join(config, "configs.yaml") if os.path.isdir(config) else config
+    else:
+        path = data.asset("alpaca_eval", os.path.basename(os.path.normpath(config)), "configs.yaml")
+    if not os.path.isfile(path):
+        shipped = sorted(
+            d
+            for d in os.listdir(data.asset("alpaca_eval"))
+            if os.path.isfile(data.asset("alpaca_eval", d, "configs.yaml"))
+        )
+        raise AlpacaEvalError(
+            f"--annotator-config {config}: no annotator config ({path} not found); pass a folder with configs.yaml or "
+            f"one shipped with treg: {', '.join(shipped)}."
+        )
+    return path
+
+
 def annotator_config(config_dir: str, judge_model: str, base_url: str, out_dir: str) -> str:
-    """A run-local copy of an annotator config from ``eval/alpaca_eval/<name>/configs.yaml`` with the judge model and
-    endpoint filled in and the prompt template resolved inside the installed package. Returns its directory."""
-    src = os.path.join(config_dir, "configs.yaml") if os.path.isdir(config_dir) else config_dir
+    """A run-local copy of an annotator config (:func:`find_annotator_config`) with the judge model and endpoint
+    filled in and the prompt template resolved inside the installed package. Returns its directory."""
+    src = find_annotator_config(config_dir)
     with open(src) as f:
         configs = yaml.safe_load(f)
     ((name, cfg),) = configs.items()
@@ -257,10 +359,12 @@ def evaluate_with_annotator(
     base_url: str,
     out_dir: str,
     api_key_env: str = "OPENAI_API_KEY",
+    lc_data: str | None = None,
 ) -> tuple[list[dict], dict]:
-    """Run ``alpaca_eval.evaluate`` with an endpoint annotator config; returns (annotations, metrics). The API key
-    goes to alpaca_eval's OpenAI client in memory only (``annotation_kwargs``); alpaca_eval filters keys from its
-    logs."""
+    """Run ``alpaca_eval.evaluate`` with an endpoint annotator config; returns (annotations, metrics). Each
+    annotation gets the ``index`` of its instruction in ``reference`` (matched by instruction, before failed
+    judgments are dropped). The API key goes to alpaca_eval's OpenAI client in memory only (``annotation_kwargs``);
+    alpaca_eval filters keys from its logs."""
     import pandas as pd
 
     ae = import_alpaca_eval()
@@ -270,11 +374,17 @@ def evaluate_with_annotator(
     key = os.environ.get(api_key_env) or "EMPTY"  # a local server may need no key; the client needs a string
     captured: dict = {}
 
+    index_of = {reference[i]["instruction"]: int(i) for i in indices}
+
     def metric(annotations):
-        df = ae.utils.convert_to_dataframe(annotations)
-        captured["annotations"] = df.to_dict("records")
-        m = compute_metrics(captured["annotations"])
-        return {k: v for k, v in m.items() if v is not None and not isinstance(v, str)}
+        records = ae.utils.convert_to_dataframe(annotations).to_dict("records")
+        for r in records:
+            if r.get("instruction") not in index_of:
+                raise AlpacaEvalError(f"alpaca_eval returned an annotation for an unknown instruction: {r!r:.120}")
+            r["index"] = index_of[r["instruction"]]
+        captured["annotations"] = records
+        captured["metrics"] = compute_metrics(records, lc_data)
+        return {k: v for k, v in captured["metrics"].items() if v is not None and not isinstance(v, str)}
 
     with _quiet_pkg_resources():
         ae.evaluate(
@@ -290,4 +400,4 @@ def evaluate_with_annotator(
             annotation_kwargs={"openai_api_keys": [key]},
         )
     annotations = captured.get("annotations", [])
-    return annotations, compute_metrics(annotations)
+    return annotations, captured.get("metrics") or compute_metrics(annotations, lc_data)

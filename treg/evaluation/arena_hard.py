@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
+from treg.evaluation import data
 from treg.evaluation.judges import (
     LABEL_P_FIRST,
     STRONG_LABELS,
@@ -50,23 +51,23 @@ from treg.evaluation.judges import (
     PairwiseJudge,
     run_judge,
 )
+from treg.files import UserError
 
 logger = logging.getLogger(__name__)
 
-EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "eval")
 LN10 = math.log(10.0)
 STYLE_FEATURES = ("token_len", "header_count", "list_count", "bold_count")
 STYLE_MODES = {"style": (0, 1, 2, 3), "length": (0,), "markdown": (1, 2, 3)}
 
 
-class ArenaHardError(ValueError):
+class ArenaHardError(UserError):
     """Malformed Arena-Hard files or settings; the message names the file, row and field."""
 
 
 # ------------------------------------------------------------------------------------------------------ files
 def load_judge_config(bench: str = "v0.1", path: str | None = None) -> dict:
-    """The judge settings of ``eval/arena_hard/arena-hard-<bench>.yaml`` (or ``path``)."""
-    path = path or os.path.join(EVAL_DIR, "arena_hard", f"arena-hard-{bench}.yaml")
+    """The judge settings of ``eval/arena_hard/arena-hard-<bench>.yaml`` (shipped with treg) or of ``path``."""
+    path = path or data.asset("arena_hard", f"arena-hard-{bench}.yaml")
     if not os.path.isfile(path):
         raise ArenaHardError(f"Arena-Hard judge config {path!r} not found (bench {bench!r}: v0.1 or v2.0).")
     with open(path) as f:
@@ -75,13 +76,16 @@ def load_judge_config(bench: str = "v0.1", path: str | None = None) -> dict:
 
 def _read_jsonl(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ArenaHardError(f"{path} line {n}: not JSON ({e.msg}).") from e
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ArenaHardError(f"{path} line {n}: not JSON ({e.msg}).") from e
+    except UnicodeDecodeError as e:
+        raise ArenaHardError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON lines.") from e
     return rows
 
 
@@ -101,7 +105,10 @@ def load_questions(path: str) -> list[dict]:
 
 
 def load_answers(path: str) -> tuple[str, dict[str, str], dict[str, dict]]:
-    """(model name, uid → answer text, uid → metadata) from a model_answer jsonl in either official format."""
+    """(model name, uid → answer text, uid → metadata) from a model_answer jsonl in either official format.
+
+    Metadata is the row's ``metadata`` (v2.0) or ``conv_metadata`` (v0.1 with style counts), else ``{"token_len"}``
+    from ``choices[0].turns[0].token_len`` (v0.1): the stored counts that the official scripts use."""
     model, answers, meta = None, {}, {}
     for n, row in enumerate(_read_jsonl(path), 1):
         uid = row.get("uid", row.get("question_id"))
@@ -120,8 +127,15 @@ def load_answers(path: str) -> tuple[str, dict[str, str], dict[str, dict]]:
             raise ArenaHardError(f"{path} line {n}: needs 'uid' (or 'question_id') and 'model' (or 'model_id').")
         model = model or name
         answers[str(uid)] = text
-        if isinstance(row.get("metadata") or row.get("conv_metadata"), dict):
-            meta[str(uid)] = row.get("metadata") or row.get("conv_metadata")
+        stored = row.get("metadata") or row.get("conv_metadata")
+        if not isinstance(stored, dict):
+            turn = (row.get("choices") or [{}])[0].get("turns", [{}])[0] if "choices" in row else {}
+            stored = {"token_len": turn["token_len"]} if isinstance(turn, dict) and "token_len" in turn else None
+        if stored is not None:
+            length = stored.get("token_len")
+            if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float)) or length < 0):
+                raise ArenaHardError(f"{path} line {n}: token_len must be a non-negative number, got {length!r}.")
+            meta[str(uid)] = stored
     if model is None:
         raise ArenaHardError(f"{path}: no answers.")
     return model, answers, meta
@@ -259,13 +273,41 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name.rstrip("/").split("/")[-1]) or "model"
 
 
+def judgment_files(path: str) -> list[str]:
+    """The judgment files behind ``path``: a ``.jsonl`` file, a ``model_judgment/<judge>`` folder, a
+    ``model_judgment`` folder with one judge, or the run folder ``treg eval arena-hard`` prints (which holds
+    ``model_judgment/<judge>/``)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise ArenaHardError(
+            f"judgments {path!r} not found; pass the run folder printed by `treg eval arena-hard`, a "
+            "model_judgment/<judge> folder or a .jsonl file."
+        )
+    files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
+    if files:
+        return files
+    base = os.path.join(path, "model_judgment") if os.path.isdir(os.path.join(path, "model_judgment")) else path
+    judges = sorted(
+        d for d in os.listdir(base) if glob.glob(os.path.join(base, d, "*.jsonl")) and d != "judgment_cache"
+    )
+    if len(judges) == 1:
+        return sorted(glob.glob(os.path.join(base, judges[0], "*.jsonl")))
+    if judges:
+        raise ArenaHardError(
+            f"{base!r} holds the judgments of several judges ({', '.join(judges)}); pass --judgments "
+            f"{os.path.join(base, '<judge>')} for one of them."
+        )
+    raise ArenaHardError(
+        f"no judgment files (*.jsonl) in {path!r}; expected a run folder of `treg eval arena-hard` or "
+        "model_judgment/<judge>/."
+    )
+
+
 def load_judgments(directory: str) -> list[dict]:
-    """All records of ``*.jsonl`` under a ``model_judgment/<judge>`` directory (or one file)."""
-    files = [directory] if os.path.isfile(directory) else sorted(glob.glob(os.path.join(directory, "*.jsonl")))
-    if not files:
-        raise ArenaHardError(f"no judgment files (*.jsonl) in {directory!r}; expected model_judgment/<judge>/.")
+    """All records of the judgment files behind ``directory`` (see :func:`judgment_files`)."""
     records = []
-    for path in files:
+    for path in judgment_files(directory):
         for n, row in enumerate(_read_jsonl(path), 1):
             if "games" not in row or "model" not in row:
                 raise ArenaHardError(f"{path} line {n}: a judgment needs 'model' and 'games'.")
@@ -424,8 +466,9 @@ def fit_bt(
     fb = np.array([features[(m, u)] for m, u in zip(battles.model_b, battles.uid)])[:, cols]
     diff, total = fa - fb, fa + fb + 1.0  # official: add_one, ratio on every control element
     diff = diff / total
-    std = diff.std(axis=0)
-    z = (diff - diff.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    std, mean = diff.std(axis=0), diff.mean(axis=0)
+    constant = std <= 1e-12 * (1.0 + np.abs(mean))  # a feature equal in every battle (rounding aside) explains nothing
+    z = np.where(constant, 0.0, (diff - mean) / np.where(constant, 1.0, std))
     X = np.zeros((n, p + len(cols)))
     X[np.arange(n), a] += LN10
     X[np.arange(n), b] -= LN10
@@ -439,6 +482,67 @@ def fit_bt(
 
 
 # ------------------------------------------------------------------------------------------------------- show
+class _Counter:
+    """:func:`token_counter`, loaded on first use (tiktoken is imported only when some count is missing)."""
+
+    def __init__(self):
+        self.fn, self.name = None, None
+
+    def __call__(self, text: str) -> int:
+        if self.fn is None:
+            self.fn, self.name = token_counter()
+        return self.fn(text)
+
+
+class _AnswerStats:
+    """Token lengths and style counts of the answers: the ones the answer files store (``metadata``: model → uid →
+    dict, :func:`load_answers`), counted from the text (``answers``: model → uid → text) only where not stored."""
+
+    def __init__(self, answers: dict[str, dict[str, str]] | None, metadata: dict[str, dict[str, dict]] | None):
+        self.answers, self.metadata, self.counter = answers or {}, metadata or {}, _Counter()
+
+    def stored(self, model: str, uid: str) -> dict:
+        return self.metadata.get(model, {}).get(uid) or {}
+
+    def style_features(self, battles: Battles) -> dict[tuple[str, str], list[float]]:
+        """(model, uid) → [token_len, headers, lists, bold] for every answer in a battle."""
+        if not self.answers and not self.metadata:
+            raise ArenaHardError(
+                "style control needs the answers of every model and of the baseline "
+                "(--answers-dir with model_answer/*.jsonl)."
+            )
+        features = {}
+        for m, u in set(zip(battles.model_a + battles.model_b, battles.uid + battles.uid)):
+            stored = self.stored(m, u)
+            meta = {k: stored[k] for k in STYLE_FEATURES if stored.get(k) is not None}
+            if len(meta) < len(STYLE_FEATURES):
+                if u not in self.answers.get(m, {}):
+                    raise ArenaHardError(f"style control: no answer of {m!r} to question {u}.")
+                needed = self.counter if "token_len" not in meta else (lambda text: 0)  # count tokens only if absent
+                counted = markdown_metadata(self.answers[m][u], needed)
+                meta = {k: meta.get(k, counted[k]) for k in STYLE_FEATURES}
+            features[(m, u)] = _feature_vector(meta)
+        return features
+
+    def average_tokens(self, model: str) -> tuple[float, str] | None:
+        """(average token_len over the model's whole answer file, as the official table, and where the lengths came
+        from), or None without answers."""
+        if model in self.answers:
+            lengths = []
+            for uid, text in self.answers[model].items():
+                length = self.stored(model, uid).get("token_len")
+                lengths.append((float(length), True) if length is not None else (float(self.counter(text)), False))
+        else:
+            lengths = [(self.stored(model, u).get("token_len"), True) for u in self.metadata.get(model, {})]
+        if not lengths or any(x is None for x, _ in lengths):
+            return None
+        n_stored = sum(1 for _, stored in lengths if stored)
+        parts = ([f"stored token_len ({n_stored} answers)"] if n_stored else []) + (
+            [f"counted with {self.counter.name} ({len(lengths) - n_stored} answers)"] if n_stored < len(lengths) else []
+        )
+        return float(np.mean([x for x, _ in lengths])), " + ".join(parts)
+
+
 def score_judgments(
     records: Sequence[dict],
     baseline: str | None = None,
@@ -448,48 +552,44 @@ def score_judgments(
     seed: int = 42,
     style: str | None = None,
     answers: dict[str, dict[str, str]] | None = None,
+    metadata: dict[str, dict[str, dict]] | None = None,
     first_game_only: bool = False,
 ) -> dict:
     """Win rate vs the baseline with its 95% CI for every model in ``records``, plus counts of games without a valid
-    verdict. ``answers`` (model → uid → text, baseline included) is needed for style control and average lengths."""
+    verdict. ``answers`` (model → uid → text, baseline included) is needed for style control and average lengths;
+    ``metadata`` (model → uid → the answer file's stored counts, :func:`load_answers`) supplies ``token_len`` and the
+    markdown counts where stored, as the official scripts read them; only what is not stored is counted from the
+    text, and each model's row says which (``token_len_source``; ``token_counter`` names the counter if one ran)."""
     baselines = {r.get("baseline") for r in records if r.get("baseline")}
     baseline = baseline or (baselines.pop() if len(baselines) == 1 else "gpt-4-0314")
     battles = battles_from_judgments(records, baseline, weight=weight, first_game_only=first_game_only)
-    counter, counter_name = token_counter()
-    features = None
-    if style is not None:
-        if not answers:
-            raise ArenaHardError(
-                "style control needs the answers of every model and of the baseline "
-                "(--answers-dir with model_answer/*.jsonl)."
-            )
-        features = {}
-        for m, u in set(zip(battles.model_a + battles.model_b, battles.uid + battles.uid)):
-            if m not in answers or u not in answers[m]:
-                raise ArenaHardError(f"style control: no answer of {m!r} to question {u}.")
-            features[(m, u)] = _feature_vector(markdown_metadata(answers[m][u], counter))
+    stats = _AnswerStats(answers, metadata)
+    features = stats.style_features(battles) if style is not None else None
     result = fit_bt(battles, baseline, rounds=rounds, seed=seed, style=style, features=features)
-    table = result.table()
     n_games: dict[str, int] = {}
     for r in records:
         n_games[r["model"]] = n_games.get(r["model"], 0) + len(r["games"][: 1 if first_game_only else 2])
-    models = {}
-    for m, row in table.items():
+    models, sources = {}, {}
+    for m, row in result.table().items():
         row = dict(row)
         if m != baseline:
             row["n_games"] = n_games.get(m, 0)
             row["invalid_games"] = battles.invalid_games.get(m, 0)
             row["n_battles"] = sum(1 for x in battles.model_b if x == m)
-        if answers and m in answers:
-            row["avg_tokens"] = float(np.mean([counter(t) for t in answers[m].values()]))
+        tokens = stats.average_tokens(m)
+        if tokens:
+            row["avg_tokens"], row["token_len_source"] = sources[m] = tokens
         models[m] = row
+    distinct = {src for _, src in sources.values()}
+    summary = "; ".join(f"{m}: {src}" for m, (_, src) in sorted(sources.items())) if len(distinct) > 1 else None
     return {
         "baseline": baseline,
         "weight": weight,
         "rounds": rounds,
         "style_control": style,
         "style_coefs": result.style_coefs,
-        "token_counter": counter_name if (style or answers) else None,
+        "token_counter": stats.counter.name,
+        "token_len_source": distinct.pop() if len(distinct) == 1 else summary,
         "models": models,
     }
 
@@ -504,6 +604,8 @@ def format_table(scores: dict) -> str:
         lines.append(f"{m:<30} | score: {row['score']:^5.1f} | 95% CI: {ci:^14} | average #tokens: {tokens}{invalid}")
     if scores.get("style_coefs"):
         lines.append("style coefficients: " + ", ".join(f"{k} {v:+.3f}" for k, v in scores["style_coefs"].items()))
+    if scores.get("token_len_source"):
+        lines.append(f"token lengths: {scores['token_len_source']}")
     return "\n".join(lines)
 
 
@@ -517,16 +619,28 @@ def show(
     rounds: int = 100,
     first_game_only: bool = False,
 ) -> dict:
-    """Score existing judgment files (a ``model_judgment/<judge>`` directory or a file) in the official format."""
+    """Score existing judgment files in the official format: a run folder of ``treg eval arena-hard``, a
+    ``model_judgment/<judge>`` directory or one file (:func:`judgment_files`). ``answers_dir``: model_answer files
+    (their stored ``token_len`` and style counts are used; missing ones are counted)."""
     records = load_judgments(judgments)
-    answers = None
+    answers, metadata = None, None
     if answers_dir:
-        answers = {}
-        for path in sorted(glob.glob(os.path.join(answers_dir, "*.jsonl"))):
-            name, ans, _ = load_answers(path)
-            answers[name] = ans
+        files = sorted(glob.glob(os.path.join(answers_dir, "*.jsonl")))
+        if not files:
+            raise ArenaHardError(f"--answers-dir {answers_dir!r}: no model_answer files (*.jsonl).")
+        answers, metadata = {}, {}
+        for path in files:
+            name, ans, meta = load_answers(path)
+            answers[name], metadata[name] = ans, meta
     return score_judgments(
-        records, baseline, weight=weight, rounds=rounds, style=style, answers=answers, first_game_only=first_game_only
+        records,
+        baseline,
+        weight=weight,
+        rounds=rounds,
+        style=style,
+        answers=answers,
+        metadata=metadata,
+        first_game_only=first_game_only,
     )
 
 

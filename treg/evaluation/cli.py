@@ -1,8 +1,9 @@
 """``treg eval``: AlpacaEval 2 and Arena-Hard from a checkpoint, offline with a local judge or with an endpoint.
 
     treg eval alpaca-eval --model CKPT [--judge JUDGE] [--reference-outputs FILE] [--max-instances N] [--out DIR]
+                          [--lc-data DIR]
     treg eval arena-hard --model CKPT [--judge JUDGE] [--bench v0.1|v2.0] [--max-instances N] [--style-control style]
-    treg eval arena-hard show --judgments DIR [--baseline gpt-4-0314] [--answers-dir DIR] [--style-control style]
+    treg eval arena-hard show --judgments RUN_DIR [--baseline gpt-4-0314] [--answers-dir DIR] [--style-control style]
     treg eval compare RUN_DIR_OR_RESULTS_JSON ... --out DIR
 
 JUDGE: ``treg:tiny`` (mechanics only), a local path or hub id of an HF causal LM (log-prob judge), or
@@ -15,6 +16,17 @@ import argparse
 import json
 import os
 import sys
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (leave it out for all instances), got {value}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -35,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint key")
     p.add_argument("--parallel", type=int, default=8, help="concurrent requests to an endpoint judge")
     p.add_argument("--judge-max-tokens", type=int, default=4096, help="endpoint judge's judgment budget (Arena-Hard)")
-    p.add_argument("--max-instances", type=int, default=None, help="evaluate a subset of this size")
+    p.add_argument("--max-instances", type=positive_int, default=None, help="evaluate a subset of this size (≥ 1)")
     p.add_argument("--out", default=None, help="run directory (default: eval_results/<benchmark>/<name>)")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation backend")
     p.add_argument("--max-new-tokens", type=int, default=1024)
@@ -51,14 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="treg eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("alpaca-eval", help="AlpacaEval 2 win rate (LC when its hub file is cached)")
+    a = sub.add_parser("alpaca-eval", help="AlpacaEval 2 win rate (LC with --lc-data or its cached hub file)")
     _common(a)
     a.add_argument("--reference-outputs", default=None, help="reference outputs JSON (default: eval/data.yaml)")
     a.add_argument(
         "--annotator-config",
         default=None,
-        help="run alpaca_eval.evaluate with this annotator config dir (e.g. "
-        "eval/alpaca_eval/treg_weighted_endpoint); needs --judge openai:MODEL@URL",
+        help="run alpaca_eval.evaluate with this annotator config: treg_weighted_endpoint or treg_text_endpoint "
+        "(shipped with treg) or a folder with configs.yaml; needs --judge openai:MODEL@URL",
+    )
+    a.add_argument(
+        "--lc-data",
+        default=None,
+        metavar="DIR",
+        help="folder with alpaca_eval's df_gamed.csv (instruction difficulty and the verbose/concise baselines' "
+        "annotations, from the hub dataset tatsu-lab/alpaca_eval): enables the length-controlled win rate offline",
     )
     h = sub.add_parser("arena-hard", help="Arena-Hard win rate vs the baseline (or `arena-hard show`)")
     _common(h)
@@ -78,7 +97,11 @@ def show_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="treg eval arena-hard show", description="Score existing Arena-Hard judgment files (official v0.1 format)."
     )
-    p.add_argument("--judgments", required=True, help="model_judgment/<judge> directory (or one .jsonl file)")
+    p.add_argument(
+        "--judgments",
+        required=True,
+        help="the run folder `treg eval arena-hard` prints, a model_judgment/<judge> folder, or one .jsonl file",
+    )
     p.add_argument("--baseline", default=None, help="baseline model (default: from the files, else gpt-4-0314)")
     p.add_argument("--answers-dir", default=None, help="model_answer directory (style control, average lengths)")
     p.add_argument("--style-control", choices=("style", "length", "markdown"), default=None)
@@ -134,8 +157,16 @@ def _print_results(results: dict) -> None:
 
 
 def cmd_alpaca_eval(args) -> int:
+    from treg.evaluation import alpaca_eval as ae
     from treg.evaluation.runs import run_alpaca_eval
 
+    try:  # flags that name files: checked before any model is loaded
+        lc_file = ae.lc_data_file(args.lc_data)
+        if args.annotator_config:
+            ae.find_annotator_config(args.annotator_config)
+    except ae.AlpacaEvalError as e:
+        print(f"treg eval: {e}", file=sys.stderr)
+        return 2
     annotator = None
     if args.annotator_config:
         if not (args.judge or "").startswith("openai:"):
@@ -165,6 +196,7 @@ def cmd_alpaca_eval(args) -> int:
         retries=args.retries,
         show_progress=not args.quiet,
         annotator=annotator,
+        lc_data=lc_file,
     )
     _print_results(results)
     return 0
@@ -193,6 +225,7 @@ def cmd_arena_hard(args) -> int:
         show_progress=not args.quiet,
     )
     _print_results(results)
+    print(f"re-score: treg eval arena-hard show --judgments {results['out_dir']}")
     return 0
 
 

@@ -25,22 +25,38 @@ def markdown(results: dict) -> str:
             f"| win rate (%) | {_fmt(m.get('win_rate'))} ± {_fmt(m.get('standard_error'))} |",
             f"| length-controlled win rate (%) | {lc} |",
             f"| discrete win rate (%) | {_fmt(m.get('discrete_win_rate'))} |",
-            f"| instances judged / failed | {m.get('n_instances')} / {m.get('n_failed')} |",
+            f"| instances / failed judgments (left out of the win rate) | {m.get('n_instances')} / "
+            f"{m.get('n_failed')} |",
             f"| average output length (chars) | {_fmt(m.get('avg_length'), 0)} |",
         ]
         if m.get("position_biased_fraction") is not None:
             rows.append(f"| pairs with position bias | {_fmt(100 * m['position_biased_fraction'])}% |")
         note = f"\n\n{m['lc_unavailable_reason']}" if m.get("lc_unavailable_reason") else ""
         return head + "\n".join(rows) + note + "\n"
-    rows = ["| model | win rate vs baseline (%) | 95% CI | games invalid / total |", "|---|---|---|---|"]
+    rows = [
+        "| model | win rate vs baseline (%) | 95% CI | games invalid / total | average #tokens |",
+        "|---|---|---|---|---|",
+    ]
     for name, row in sorted(m["models"].items(), key=lambda kv: -kv[1]["score"]):
         ci = f"{_fmt(row['lower'])} – {_fmt(row['upper'])}"
         games = f"{row['invalid_games']} / {row['n_games']}" if "n_games" in row else "baseline"
-        rows.append(f"| {name} | {_fmt(row['score'])} | {ci} | {games} |")
+        rows.append(f"| {name} | {_fmt(row['score'])} | {ci} | {games} | {_fmt(row.get('avg_tokens'), 0)} |")
     extra = (
         f"\n\nstyle control: {m['style_control']}, coefficients {m['style_coefs']}" if m.get("style_control") else ""
     )
+    sources = _token_sources(m)
+    if sources:
+        extra += f"\n\ntoken lengths: {sources}"
     return head + "\n".join(rows) + extra + "\n"
+
+
+def _token_sources(metrics: dict) -> str | None:
+    """Where the token lengths came from (stored in the answer files, or counted and with what), per category."""
+    if metrics.get("token_len_source"):
+        return metrics["token_len_source"]
+    per = metrics.get("per_category") or {}
+    parts = [f"{c}: {v['token_len_source']}" for c, v in per.items() if v.get("token_len_source")]
+    return "; ".join(parts) or None
 
 
 def write_report(out_dir: str, results: dict) -> tuple[str, str]:

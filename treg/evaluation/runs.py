@@ -13,6 +13,7 @@ from treg.evaluation import arena_hard as ah
 from treg.evaluation import data
 from treg.evaluation.judges import JudgeStats, JudgmentCache, PairwiseJudge
 from treg.evaluation.report import write_report
+from treg.files import UserError
 from treg.generation import generate_answers, write_alpaca_eval_outputs, write_arena_hard_answers
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,15 @@ def cached_answers(
     return answers
 
 
+def check_max_instances(max_instances: int | None, flag: str = "--max-instances") -> int | None:
+    """``None`` (all instances) or a positive int; anything else is an error naming ``flag``."""
+    if max_instances is None:
+        return None
+    if isinstance(max_instances, bool) or not isinstance(max_instances, int) or max_instances < 1:
+        raise UserError(f"{flag} must be a positive integer (or left out for all instances), got {max_instances!r}.")
+    return max_instances
+
+
 def _stats_dict(stats: JudgeStats) -> dict:
     return {
         "judged": stats.judged,
@@ -68,9 +78,13 @@ def run_alpaca_eval(
     retries: int = 1,
     show_progress: bool = True,
     annotator: dict | None = None,
+    lc_data: str | None = None,
 ) -> dict:
     """AlpacaEval 2 for a policy. ``annotator`` = {config_dir, judge_model, base_url, api_key_env} runs the official
-    ``alpaca_eval.evaluate`` pipeline instead of ``judge``."""
+    ``alpaca_eval.evaluate`` pipeline instead of ``judge``. ``lc_data``: a folder (or the file) with alpaca_eval's
+    ``df_gamed.csv`` for the length-controlled win rate offline."""
+    check_max_instances(max_instances)
+    lc_file = ae.lc_data_file(lc_data)
     os.makedirs(out_dir, exist_ok=True)
     reference = ae.load_reference(data.alpaca_reference(reference_path))
     indices = ae.select_instances(len(reference), max_instances)
@@ -81,7 +95,9 @@ def run_alpaca_eval(
     outputs = [{"instruction": q, "output": a, "generator": generator} for q, a in zip(instructions, answers)]
     stats = JudgeStats()
     if annotator:
-        annotations, metrics = ae.evaluate_with_annotator(outputs, reference, indices, out_dir=out_dir, **annotator)
+        annotations, metrics = ae.evaluate_with_annotator(
+            outputs, reference, indices, out_dir=out_dir, lc_data=lc_file, **annotator
+        )
         judge_name = (
             f"alpaca_eval:{os.path.basename(os.path.normpath(annotator['config_dir']))}:{annotator['judge_model']}"
         )
@@ -98,14 +114,14 @@ def run_alpaca_eval(
             show_progress=show_progress,
             stats=stats,
         )
-        metrics = ae.compute_metrics(annotations)
+        metrics = ae.compute_metrics(annotations, lc_data=lc_file)
         judge_name = judge.name
-        from treg.files import write_text_atomic
+    from treg.files import write_text_atomic
 
-        write_text_atomic(
-            os.path.join(out_dir, "annotations.json"),
-            json.dumps(annotations, indent=2, default=str, allow_nan=True) + "\n",
-        )
+    write_text_atomic(  # both paths: every annotation with its instruction index
+        os.path.join(out_dir, "annotations.json"),
+        json.dumps(annotations, indent=2, default=str, allow_nan=True) + "\n",
+    )
     results = {
         "benchmark": "alpaca_eval",
         "model": generator,
@@ -137,16 +153,15 @@ def run_arena_hard(
     retries: int = 1,
     show_progress: bool = True,
 ) -> dict:
-    """Arena-Hard for a policy: answers → ``model_answer/``, judgments → ``model_judgment/<judge>/``, scores."""
+    """Arena-Hard for a policy: answers → ``model_answer/``, judgments → ``model_judgment/<judge>/``, scores.
+    The baselines' stored ``token_len`` and style counts are used where their answer files carry them."""
+    check_max_instances(max_instances)
     ah.check_style(style)
     config = ah.load_judge_config(bench, judge_config)
     questions = ah.load_questions(data.arena_questions(bench, questions_path))
     if max_instances is not None:
         questions = questions[:max_instances]
-    baselines: dict[str, dict[str, str]] = {}
-    for path in data.arena_baselines(bench, baseline_paths):
-        name, answers, _ = ah.load_answers(path)
-        baselines[name] = answers
+    baselines, baseline_meta = _baselines(bench, baseline_paths)
     texts = cached_answers(model, tokenizer, [q["prompt"] for q in questions], out_dir, dict(gen or {}), show_progress)
     counter, _ = ah.token_counter()
     write_arena_hard_answers(
@@ -173,14 +188,8 @@ def run_arena_hard(
         stats=stats,
     )
     path = ah.write_judgments(os.path.join(out_dir, "model_judgment"), judge.name, model_name, records)
-    all_answers = dict(baselines) | {model_name: answers}
-    metrics = {}
-    for category in sorted({q["category"] for q in questions}):
-        recs = [r for r in records if r["category"] == category]
-        metrics[category] = ah.score_judgments(
-            recs, answers=all_answers, style=style, rounds=rounds, weight=config.get("weight", 3)
-        )
-    main = metrics[next(iter(metrics))] if len(metrics) == 1 else None
+    scoring = {"style": style, "rounds": rounds, "weight": config.get("weight", 3)}
+    metrics = _scores_by_category(records, dict(baselines) | {model_name: answers}, baseline_meta, scoring)
     results = {
         "benchmark": "arena_hard",
         "bench": bench,
@@ -189,16 +198,33 @@ def run_arena_hard(
         "out_dir": out_dir,
         "judgments": path,
         "max_instances": max_instances,
-        "metrics": main or {"models": {}, "per_category": metrics},
+        "metrics": metrics,
         "judge_stats": _stats_dict(stats),
     }
-    if main is None:
-        results["metrics"]["models"] = {}
-        for category, m in metrics.items():
-            for name, row in m["models"].items():
-                results["metrics"]["models"][f"{name} [{category}]"] = row
     write_report(out_dir, results)
     return results
+
+
+def _baselines(bench: str, paths: list[str] | None) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, dict]]]:
+    """Baseline model → uid → answer, and → uid → the metadata its answer file stores (``token_len``, style)."""
+    answers, metadata = {}, {}
+    for path in data.arena_baselines(bench, paths):
+        name, ans, meta = ah.load_answers(path)
+        answers[name], metadata[name] = ans, meta
+    return answers, metadata
+
+
+def _scores_by_category(records: list[dict], answers: dict, metadata: dict, scoring: dict) -> dict:
+    """Scores of each question category against its baseline: one category's scores as they are; with several
+    (v2.0), ``per_category`` plus every row under ``models`` as ``"<model> [<category>]"``."""
+    metrics = {}
+    for category in sorted({r["category"] for r in records}):
+        recs = [r for r in records if r["category"] == category]
+        metrics[category] = ah.score_judgments(recs, answers=answers, metadata=metadata, **scoring)
+    if len(metrics) == 1:
+        return next(iter(metrics.values()))
+    models = {f"{name} [{c}]": row for c, m in metrics.items() for name, row in m["models"].items()}
+    return {"models": models, "per_category": metrics}
 
 
 def flat_metrics(results: dict, prefix: str = "eval_hooks") -> dict[str, float]:
