@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-import treg.trainer
+import treg.token_rewards.contrastive
 from treg.synthetic import make_pairs
-from treg.token_rewards import CHOSEN_REWARDS, PER_TOKEN_COLUMNS, REF_CHOSEN, REF_CHOSEN_SUM
+from treg.token_rewards import CHOSEN_REWARDS, PER_TOKEN_COLUMNS, REF_CHOSEN, REF_CHOSEN_SUM, precompute
 from treg.token_rewards import cache as token_cache
 from treg.trainer import TRegConfig, TRegTrainer
 
@@ -169,16 +169,16 @@ def test_without_a_cache_the_shards_are_exchanged(tmp_path):
 def test_trainer_pass_resumes_after_a_crash_and_equals_the_uninterrupted_pass(tiny, tmp_path, monkeypatch):
     full = run_pass(tiny, cache_root(tmp_path, tiny, "full"), tmp_path)
     root = cache_root(tmp_path, tiny, "crash")
-    real, calls, crashed = TRegTrainer._token_pass_rows, [], []
+    real, calls, crashed = precompute.score_rows, [], []
 
-    def crash_after_one_shard(self, rows, plan, state):
+    def crash_after_one_shard(rows, run):
         calls.append(len(rows))
         if len(calls) == 2 and not crashed:
             crashed.append(True)
             raise Stop("killed")  # the job dies while it scores the second shard
-        return real(self, rows, plan, state)
+        return real(rows, run)
 
-    monkeypatch.setattr(TRegTrainer, "_token_pass_rows", crash_after_one_shard)
+    monkeypatch.setattr(precompute, "score_rows", crash_after_one_shard)
     with pytest.raises(Stop):
         run_pass(tiny, root, tmp_path)
     (shards,) = [p for p in (Path(root) / "token_rewards").iterdir() if p.name.endswith(".shards")]
@@ -248,7 +248,7 @@ def test_two_process_pass_equals_single_process_and_its_entry_serves_one_process
     def no_scoring(*a, **k):
         raise AssertionError("the 2-process entry should have been loaded, not recomputed")
 
-    monkeypatch.setattr(TRegTrainer, "_token_pass_rows", no_scoring)
+    monkeypatch.setattr(precompute, "score_rows", no_scoring)
     before = entries(two_root)  # the train entry and the eval split's (the recipe evaluates)
     reused = run_pass(tiny, two_root, tmp_path)
     assert_same_columns(reused, one)
@@ -331,7 +331,7 @@ def test_trainer_pass_uses_the_chosen_backend_and_releases_it(tiny, tmp_path, mo
         def close(self):
             events.append("close")
 
-    monkeypatch.setattr(treg.trainer, "choose_backend", lambda requested, **kw: "vllm")
+    monkeypatch.setattr(precompute, "choose_backend", lambda requested, **kw: "vllm")
     monkeypatch.setattr(
         VLLMScorer, "from_pretrained", classmethod(lambda cls, path, **kw: events.append(path) or StandIn())
     )

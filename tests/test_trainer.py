@@ -9,7 +9,6 @@ import torch
 from torch.testing import assert_close
 from trl import DPOConfig, DPOTrainer
 
-import treg.trainer
 from treg.data import PreferenceDataError
 from treg.synthetic import make_pairs
 from treg.token_rewards import (
@@ -19,6 +18,7 @@ from treg.token_rewards import (
     REF_REJECTED,
     REJECTED_REWARDS,
     TokenRewardError,
+    precompute,
 )
 from treg.trainer import DataCollatorForTReg, TRegConfig, TRegTrainer
 
@@ -226,7 +226,7 @@ def test_simpo_alpha_zero_trains_and_needs_no_reference(tiny, pairs, cache_dir, 
     def no_pass(*args, **kwargs):
         raise AssertionError("SimPO at α = 0 needs neither reference log-probs nor token rewards")
 
-    monkeypatch.setattr(treg.trainer, "attach_contrastive_rewards", no_pass)
+    monkeypatch.setattr(precompute, "attach_contrastive_rewards", no_pass)
     run = train_treg(tiny, pairs, tmp_path, cache_dir, base_loss="simpo", beta=2.0, simpo_gamma=0.5, treg_alpha=0.0,
                      max_steps=2)
     assert not set(PER_TOKEN_COLUMNS) & set(run["trainer"].train_dataset.column_names)
@@ -342,7 +342,7 @@ def test_user_supplied_columns_skip_the_token_pass(tiny, supplied, tmp_path, mon
     def no_pass(*args, **kwargs):
         raise AssertionError("the token-reward pass ran although the columns were supplied")
 
-    monkeypatch.setattr(treg.trainer, "attach_contrastive_rewards", no_pass)
+    monkeypatch.setattr(precompute, "attach_contrastive_rewards", no_pass)
     trainer = TRegTrainer(copy.deepcopy(tiny[0]), args=treg_config(tmp_path, "none"),
                           train_dataset=_with_columns(raw, cols), processing_class=tiny[1])
     assert trainer.train_dataset[CHOSEN_REWARDS] == cols[CHOSEN_REWARDS]

@@ -171,7 +171,6 @@ def sharded_load_or_compute(
     if not ranges:
         return Dataset.from_dict({})
     mine = ranges[process_index::num_processes]
-    barrier = wait_for_everyone or (lambda: None)
     disabled = cache_dir is not None and str(cache_dir).lower() == "none"
     path = None if disabled else os.path.join(cache_dir or default_cache_dir(), "token_rewards", entry)
     if path is not None and (cached := load(path)) is not None:
@@ -189,13 +188,31 @@ def sharded_load_or_compute(
         bar.close()
         if finish is not None:
             finish()
-        if num_processes > 1:
-            if gather_object is None:
-                raise ValueError("sharded_load_or_compute without a cache needs gather_object in a multi-process run.")
-            computed = gather_object(computed)
-        computed.sort(key=lambda t: t[0])
-        return concatenate_datasets([Dataset.from_dict(cols) for _, _, cols in computed])
-    shards_dir = path + ".shards"
+        return _exchange_shards(computed, num_processes, gather_object)
+    _write_missing_shards(compute_rows, mine, path + ".shards", bar, what=what, process_index=process_index)
+    if finish is not None:
+        finish()
+    return _gather_entry(
+        path, ranges, what=what, shard_size=shard_size, process_index=process_index, num_processes=num_processes,
+        barrier=wait_for_everyone or (lambda: None),
+    )
+
+
+def _exchange_shards(
+    computed: list[tuple[int, int, dict[str, list]]], num_processes: int, gather_object: Callable[[list], list] | None
+) -> Dataset:
+    """Without a cache: every process's ``(start, stop, columns)`` shards, exchanged and put in row order."""
+    if num_processes > 1:
+        if gather_object is None:
+            raise ValueError("sharded_load_or_compute without a cache needs gather_object in a multi-process run.")
+        computed = gather_object(computed)
+    computed.sort(key=lambda t: t[0])
+    return concatenate_datasets([Dataset.from_dict(cols) for _, _, cols in computed])
+
+
+def _write_missing_shards(compute_rows, mine: list[tuple[int, int]], shards_dir: str, bar, *, what: str,
+                          process_index: int) -> None:
+    """Compute and write this process's shards, skipping those a previous (crashed) run already wrote."""
     os.makedirs(shards_dir, exist_ok=True)
     resumed = 0
     for a, b in mine:
@@ -208,12 +225,16 @@ def sharded_load_or_compute(
     bar.close()
     if resumed:
         logger.info("%s: process %d reused %d finished shards from %s", what, process_index, resumed, shards_dir)
-    if finish is not None:
-        finish()
+
+
+def _gather_entry(path: str, ranges: list[tuple[int, int]], *, what: str, shard_size: int, process_index: int,
+                  num_processes: int, barrier: Callable[[], None]) -> Dataset:
+    """Once every process has written its shards, process 0 gathers them into the entry ``path``; every process
+    then loads it."""
     barrier()
     if process_index == 0 and load(path) is None:
-        save_atomic(_read_shards(shards_dir, ranges), path)
-        shutil.rmtree(shards_dir, ignore_errors=True)
+        save_atomic(_read_shards(path + ".shards", ranges), path)
+        shutil.rmtree(path + ".shards", ignore_errors=True)
         logger.info(
             "%s cached at %s (%d shards of %d rows, %d processes)", what, path, len(ranges), shard_size, num_processes
         )

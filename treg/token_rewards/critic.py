@@ -570,13 +570,51 @@ def attach_critic_rewards(
     """
     check_values(good_value, bad_value)
     n = len(dataset)
-    prompts = [_text(p, tokenizer, "prompt", r) for r, p in enumerate(dataset["prompt"])]
-    responses, scores = {}, {}
-    for side in ("chosen", "rejected"):
-        responses[side] = [_text(v, tokenizer, side, r) for r, v in enumerate(dataset[side])]
-        col = f"score_{side}"
-        scores[side] = list(dataset[col]) if use_extrinsic and col in dataset.column_names else [None] * n
+    prompts, responses, scores = _critic_inputs(dataset, tokenizer, use_extrinsic)
     few_shot = [dict(ex, spans=[Span(*s) for s in ex["spans"]]) for ex in few_shot]
+    key = _cache_key(
+        dataset, tokenizer, (prompts, responses, scores), critic_id=critic_id, task_description=task_description,
+        few_shot=few_shot, good_value=good_value, bad_value=bad_value, use_extrinsic=use_extrinsic,
+        max_length=max_length,
+    )
+
+    def compute() -> dict[str, list]:
+        critic_prompts = [
+            build_critic_prompt(
+                prompts[r], responses[side][r], scores[side][r], task_description=task_description, few_shot=few_shot
+            )
+            for side in ("chosen", "rejected")
+            for r in range(n)
+        ]
+        answers = _ask_critic(critic, critic_prompts, batch_size, show_progress)
+        columns: dict[str, list] = {}
+        for s, side in enumerate(("chosen", "rejected")):
+            columns.update(_side_columns(
+                dataset, tokenizer, side, answers[s * n : (s + 1) * n], responses[side], max_length=max_length,
+                good_value=good_value, bad_value=bad_value,
+            ))
+        return columns
+
+    columns = cache_lib.load_or_compute(
+        compute, cache_dir=cache_dir, entry=f"{CACHE_VERSION}-{key[:24]}", what="Critic token rewards",
+        main_process_first=main_process_first,
+    )
+    if len(columns) != n:
+        raise ValueError(f"critic cache holds {len(columns)} rows for a dataset of {n}; delete it.")
+    stats = _critic_stats(columns)
+    logger.info("critic token rewards (%s): %s", critic_id, stats)
+    rewards = columns.select_columns([CHOSEN_REWARDS, REJECTED_REWARDS])
+    dataset = dataset.remove_columns([c for c in rewards.column_names if c in dataset.column_names])
+    dataset = concatenate_datasets([dataset, rewards], axis=1)
+    check_token_columns(dataset, max_length, TOKEN_REWARD_COLUMNS)
+    return (dataset, stats) if return_stats else dataset
+
+
+def _cache_key(dataset: Dataset, tokenizer, inputs: tuple, *, critic_id: str, task_description: str, few_shot: list,
+               good_value: float, bad_value: float, use_extrinsic: bool, max_length: int | None) -> str:
+    """The cache key of critic rewards: the critic, its prompt, the values, the tokenizer, the texts it reads
+    (``inputs`` from :func:`_critic_inputs`) and the token ids."""
+    prompts, responses, scores = inputs
     settings = {
         "version": CACHE_VERSION,
         "critic": critic_id,
@@ -590,70 +628,70 @@ def attach_critic_rewards(
         "vocab": len(tokenizer),
         "texts": [prompts, responses["chosen"], responses["rejected"], scores["chosen"], scores["rejected"]],
     }
-    key = cache_lib.fingerprint(settings, [dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]])
+    return cache_lib.fingerprint(settings, [dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]])
 
-    def compute() -> dict[str, list]:
-        critic_prompts = [
-            build_critic_prompt(
-                prompts[r], responses[side][r], scores[side][r], task_description=task_description, few_shot=few_shot
-            )
-            for side in ("chosen", "rejected")
-            for r in range(n)
-        ]
-        answers: list[str | None] = []
-        for start in range(0, len(critic_prompts), batch_size):
-            got = list(critic(critic_prompts[start : start + batch_size]))
-            if len(got) != len(critic_prompts[start : start + batch_size]):
-                raise ValueError(f"the critic returned {len(got)} answers for {min(batch_size, 2 * n - start)} prompts")
-            answers += got
-            if show_progress:
-                logger.info("critic: %d/%d responses", len(answers), len(critic_prompts))
-        columns: dict[str, list] = {}
-        for s, (side, col) in enumerate((("chosen", CHOSEN_REWARDS), ("rejected", REJECTED_REWARDS))):
-            values, stat_rows = [], {k: [] for k in ("failed", "unparsed", "spans", "found", "missing")}
-            for r, (prompt_ids, ids) in enumerate(zip(dataset["prompt_ids"], dataset[f"{side}_ids"])):
-                answer = answers[s * n + r]
-                kept = kept_completion_length(len(prompt_ids), len(ids), max_length)
-                spans, unparsed = parse_critic_output(answer)
-                failed = is_failure(answer)
-                if failed:
-                    row_values, st = [0.0] * len(ids), {"spans": 0, "found": 0, "missing": 0}
-                else:
-                    row_values, st = map_spans_to_tokens(
-                        tokenizer, responses[side][r], ids, spans, good_value, bad_value, row=f"{r} ({side})"
-                    )
-                values.append(row_values[:kept])
-                for k, v in (
-                    ("failed", int(failed)),
-                    ("unparsed", unparsed),
-                    ("spans", st["spans"]),
-                    ("found", st["found"]),
-                    ("missing", st["missing"]),
-                ):
-                    stat_rows[k].append(v)
-            columns[col] = values
-            columns[f"critic_{side}_output"] = [a if a is not None else "" for a in answers[s * n : (s + 1) * n]]
-            for k, v in stat_rows.items():
-                columns[f"critic_{side}_{k}"] = v
-        return columns
 
-    columns = cache_lib.load_or_compute(
-        compute,
-        cache_dir=cache_dir,
-        entry=f"{CACHE_VERSION}-{key[:24]}",
-        what="Critic token rewards",
-        main_process_first=main_process_first,
-    )
-    if len(columns) != n:
-        raise ValueError(f"critic cache holds {len(columns)} rows for a dataset of {n}; delete it.")
+def _critic_stats(columns: Dataset) -> dict[str, int]:
+    """Totals over both sides of the per-row counts (failed answers, unparsed lines, spans named, found, missing),
+    and the number of responses."""
     stats = {
         k: sum(sum(columns[f"critic_{side}_{k}"]) for side in ("chosen", "rejected"))
         for k in ("failed", "unparsed", "spans", "found", "missing")
     }
-    stats["responses"] = 2 * n
-    logger.info("critic token rewards (%s): %s", critic_id, stats)
-    rewards = columns.select_columns([CHOSEN_REWARDS, REJECTED_REWARDS])
-    dataset = dataset.remove_columns([c for c in rewards.column_names if c in dataset.column_names])
-    dataset = concatenate_datasets([dataset, rewards], axis=1)
-    check_token_columns(dataset, max_length, TOKEN_REWARD_COLUMNS)
-    return (dataset, stats) if return_stats else dataset
+    stats["responses"] = 2 * len(columns)
+    return stats
+
+
+def _critic_inputs(dataset: Dataset, tokenizer, use_extrinsic: bool) -> tuple[list[str], dict, dict]:
+    """What the critic reads, per row: the prompt text, and per side the response text and its extrinsic score
+    (None unless ``use_extrinsic`` and the dataset has ``score_chosen`` / ``score_rejected``)."""
+    n = len(dataset)
+    prompts = [_text(p, tokenizer, "prompt", r) for r, p in enumerate(dataset["prompt"])]
+    responses, scores = {}, {}
+    for side in ("chosen", "rejected"):
+        responses[side] = [_text(v, tokenizer, side, r) for r, v in enumerate(dataset[side])]
+        col = f"score_{side}"
+        scores[side] = list(dataset[col]) if use_extrinsic and col in dataset.column_names else [None] * n
+    return prompts, responses, scores
+
+
+def _ask_critic(critic: Critic, critic_prompts: list[str], batch_size: int, show_progress: bool) -> list[str | None]:
+    """The critic's answers, ``batch_size`` prompts per call; a call that returns a wrong number of answers raises."""
+    answers: list[str | None] = []
+    for start in range(0, len(critic_prompts), batch_size):
+        got = list(critic(critic_prompts[start : start + batch_size]))
+        if len(got) != len(critic_prompts[start : start + batch_size]):
+            raise ValueError(
+                f"the critic returned {len(got)} answers for {min(batch_size, len(critic_prompts) - start)} prompts"
+            )
+        answers += got
+        if show_progress:
+            logger.info("critic: %d/%d responses", len(answers), len(critic_prompts))
+    return answers
+
+
+def _side_columns(dataset: Dataset, tokenizer, side: str, answers: list[str | None], responses: list[str], *,
+                  max_length: int | None, good_value: float, bad_value: float) -> dict[str, list]:
+    """One side's columns from the critic's answers: r̂ per kept completion token (all 0 for a failed answer), the
+    raw answers, and per row the counts of failure, unparsed lines, spans, spans found and spans missing."""
+    col = CHOSEN_REWARDS if side == "chosen" else REJECTED_REWARDS
+    values, stat_rows = [], {k: [] for k in ("failed", "unparsed", "spans", "found", "missing")}
+    for r, (prompt_ids, ids) in enumerate(zip(dataset["prompt_ids"], dataset[f"{side}_ids"])):
+        answer = answers[r]
+        kept = kept_completion_length(len(prompt_ids), len(ids), max_length)
+        spans, unparsed = parse_critic_output(answer)
+        failed = is_failure(answer)
+        if failed:
+            row_values, st = [0.0] * len(ids), {"spans": 0, "found": 0, "missing": 0}
+        else:
+            row_values, st = map_spans_to_tokens(
+                tokenizer, responses[r], ids, spans, good_value, bad_value, row=f"{r} ({side})"
+            )
+        values.append(row_values[:kept])
+        for k, v in (("failed", int(failed)), ("unparsed", unparsed), ("spans", st["spans"]), ("found", st["found"]),
+                     ("missing", st["missing"])):
+            stat_rows[k].append(v)
+    columns = {col: values, f"critic_{side}_output": [a if a is not None else "" for a in answers]}
+    for k, v in stat_rows.items():
+        columns[f"critic_{side}_{k}"] = v
+    return columns
