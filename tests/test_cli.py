@@ -132,3 +132,34 @@ def test_a_local_checkpoint_loads_through_the_recipe_model_config(tiny, tmp_path
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     for (name, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(model.state_dict().items())):
         assert torch.equal(a, b), name
+
+
+def test_config_checks_become_recipe_errors_naming_the_recipe():
+    """A ValueError from TRegConfig.__post_init__ (or TRL's) is a RecipeError: one line, exit 2, the recipe named."""
+    recipe = str(ROOT / "recipes/tiny/treg-dpo.yaml")
+    with pytest.raises(RecipeError, match=r"treg_alpha must be ≥ 0, got -1.0.*treg-dpo\.yaml"):
+        parse_train_args(["--config", recipe, "--treg_alpha=-1"])
+    with pytest.raises(RecipeError, match=r"unknown flag --treg_alpah\. Did you mean --treg_alpha\?"):
+        parse_train_args(["--config", recipe, "--treg_alpah", "0.1"])
+
+
+def test_config_equals_path_is_the_same_as_config_path():
+    _, config, _ = parse_train_args([f"--config={ROOT / 'recipes/tiny/treg-dpo.yaml'}", "--output_dir", "unused"])
+    assert config.treg_alpha == 0.5
+
+
+def test_duplicate_keys_are_refused_in_train_and_label_recipes(tmp_path, capsys):
+    train = tmp_path / "train.yaml"
+    train.write_text("model_name_or_path: treg:tiny\nbeta: 0.1\nbeta: 0.2\n")
+    with pytest.raises(RecipeError, match=r"line 3.*duplicate key 'beta' \(also at line 2\)"):
+        parse_train_args(["--config", str(train)])
+    label = tmp_path / "label.yaml"
+    label.write_text("model_name_or_path: treg:tiny\ndataset: x.jsonl\nmax_rows: 3\nmax_rows: 4\n")
+    assert main(["label", "--config", str(label)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("treg: ") and "duplicate key 'max_rows'" in err[0]
+
+
+def test_argparse_errors_return_2_in_process(capsys):
+    assert main(["train", "--treg_alpha", "high"]) == 2
+    assert "treg train: error: argument --treg_alpha" in capsys.readouterr().err

@@ -4,6 +4,7 @@ log-probs computed in the same pass, their alignment with truncation, and the on
 import copy
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,10 +152,11 @@ def test_render_conversational_wraps_only_the_last_user_message(tiny):
 
 
 def test_render_plain_prompt_tokenizes_the_formatted_text(tiny):
+    """The template wraps the prompt's text; its trailing whitespace (what separates it from the response) follows."""
     tokenizer = tiny[1]
     ids = render_prompt_ids(tokenizer, "sort: 3 1\n", "Please: {prompt}!")
-    assert ids == tokenizer(text="Please: sort: 3 1\n!")["input_ids"]
-    assert tokenizer.decode(ids) == "Please: sort: 3 1\n!"
+    assert ids == tokenizer(text="Please: sort: 3 1!\n")["input_ids"]
+    assert tokenizer.decode(ids) == "Please: sort: 3 1!\n"
 
 
 @pytest.mark.parametrize("conversational", [True, False])
@@ -168,6 +170,59 @@ def test_identity_template_reproduces_the_trainers_prompt_ids(tiny, tmp_path, co
     ds = trainer.train_dataset
     for r in range(4):
         assert render_prompt_ids(tokenizer, ds[r]["prompt"], "{prompt}") == ds[r]["prompt_ids"]
+
+
+SHARED = next((p for p in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")) if p.is_dir()),
+              None)
+
+
+def test_d7_x_plus_leaves_out_what_trl_moved_into_the_response():
+    """Qwen: a response starting with "\n" merges with the generation prompt's "\n" into one "\n\n" token, which
+    TRL counts to the response. x⁺/x⁻ must not keep that "\n" as well: x⁺ ids + the response ids are exactly the
+    tokens of x⁺ followed by the response, as x's are of x followed by it."""
+    if SHARED is None or not (SHARED / "tokenizers" / "qwen2.5-instruct").is_dir():
+        pytest.skip("the shared real tokenizers (../shared/tokenizers) are not present")
+    from transformers import AutoTokenizer
+    from trl.data_utils import common_prefix_length
+
+    tok = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "qwen2.5-instruct")
+
+    def render(messages, **kw):
+        return list(tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+    prompt = [{"role": "user", "content": "Say hello."}]
+    for response in ("\nHello", " Hello", "Hello"):
+        chosen = [{"role": "assistant", "content": response}]
+        x, x_y = render(prompt, add_generation_prompt=True), render(prompt + chosen)
+        cut = common_prefix_length(x, x_y)  # TRL's split of prompt and response
+        prompt_ids, chosen_ids = x[:cut], x_y[cut:]
+        assert (cut < len(x)) == response.startswith("\n")
+        for template in (DEFAULT_POSITIVE_TEMPLATE, DEFAULT_NEGATIVE_TEMPLATE):
+            plus = render_prompt_ids(tok, prompt, template, prompt_ids)
+            wrapped = [{"role": "user", "content": template.format(prompt="Say hello.")}]
+            assert plus + chosen_ids == render(wrapped + chosen), (response, template)
+            start = tok.convert_tokens_to_ids("<|im_start|>")
+            assert plus.count(start) == x.count(start) == 3  # Qwen's default system turn, the user, the assistant
+    with pytest.raises(TokenRewardError, match="row 3"):
+        render_prompt_ids(tok, prompt, DEFAULT_POSITIVE_TEMPLATE, [1, 2, 3], row=3)
+
+
+def test_d8_plain_prompt_x_plus_ends_with_the_prompts_separator(tiny, tmp_path):
+    """Plain strings: TRL joins x and the response as they are, so x ends with what separates them ("…\n"); x⁺
+    must end with it too, not glue the response onto "…concise."."""
+    model, tokenizer, _ = tiny
+    trainer = TRegTrainer(
+        copy.deepcopy(model), args=_config(tmp_path, treg_alpha=0.0, token_reward_cache_dir="none"),
+        train_dataset=make_pairs(2, seed=2, conversational=False), processing_class=tokenizer,
+    )
+    row = trainer.train_dataset[0]
+    assert row["prompt"].endswith("\n")
+    response = tokenizer.decode(row["chosen_ids"])
+    assert tokenizer.decode(row["prompt_ids"] + row["chosen_ids"]) == row["prompt"] + response
+    for template in (DEFAULT_POSITIVE_TEMPLATE, DEFAULT_NEGATIVE_TEMPLATE):
+        plus = render_prompt_ids(tokenizer, row["prompt"], template, row["prompt_ids"])
+        expected = template.format(prompt=row["prompt"].rstrip()) + "\n" + response
+        assert tokenizer.decode(plus + row["chosen_ids"]) == expected
 
 
 # ------------------------------------------------------------------------------------ reference log-probs at init

@@ -109,7 +109,8 @@ def test_real_hh_first_50_rows():
 
 
 def test_real_hh_full_file_has_known_bad_rows(caplog):
-    """The full harmless-base test split holds 9 rows that cannot be used as-is (see the report in data.py)."""
+    """The full harmless-base test split holds 13 rows that cannot be used as-is: 9 empty or mismatched pairs and 4
+    with two Assistant turns in a row (issue 13, D3)."""
     if not HH_FILE.is_file():
         pytest.skip(f"{HH_FILE} not present")
     with pytest.raises(PreferenceDataError) as err:
@@ -117,8 +118,8 @@ def test_real_hh_full_file_has_known_bad_rows(caplog):
     _assert_row_error(err, 1254, "rejected")
     with caplog.at_level(logging.WARNING, logger="treg.data"):
         ds = load_preference_dataset(str(HH_FILE), drop_invalid=True)
-    assert len(ds) == 2312 - 9
-    assert "Dropped 9 of 2312" in caplog.text and "row 86, field 'chosen'" in caplog.text
+    assert len(ds) == 2312 - 13
+    assert "Dropped 13 of 2312" in caplog.text and "row 86, field 'chosen'" in caplog.text
 
 
 # ---------------------------------------------------------------- accepted inputs
@@ -310,3 +311,44 @@ def test_no_prompt_column_and_unrecognised_chosen():
     with pytest.raises(PreferenceDataError) as err:
         to_preference_format(ds)
     _assert_row_error(err, 0, "chosen")
+
+
+# ------------------------------------------------------------- role alternation (issue 13, D3)
+def test_d3_consecutive_turns_of_one_role_are_rejected_naming_the_row_and_dropped(tmp_path, caplog):
+    """Two Assistant turns in a row (HH-RLHF harmless-base test rows 667, 763, 1319, 1849) pass every other check,
+    then Gemma's and Mistral's chat templates raise an unnamed error when the trainer tokenizes them."""
+    double = HH_ROW["chosen"].replace("\n\nHuman: For how long?", "\n\nAssistant: Any egg will do.")
+    rows = [HH_ROW, {"chosen": double, "rejected": HH_ROW["rejected"].replace(
+        "\n\nHuman: For how long?", "\n\nAssistant: Any egg will do.")}]
+    path = _write_jsonl(tmp_path / "hh.jsonl", rows)
+    with pytest.raises(PreferenceDataError) as err:
+        load_preference_dataset(str(path))
+    _assert_row_error(err, 1, "prompt")
+    assert "messages 1 and 2 are both 'assistant' turns" in str(err.value) and "drop_invalid_rows" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="treg.data"):
+        kept = load_preference_dataset(str(path), drop_invalid=True)
+    assert kept.to_list() == [HH_EXPECTED] and "Dropped 1 of 2" in caplog.text
+    # a prompt ending with an assistant turn followed by the assistant's response; two user turns in a row
+    conversational = [
+        {"prompt": [_user("Hi"), _assistant("Hello")], "chosen": [_assistant("A")], "rejected": [_assistant("B")]},
+        {"prompt": [_user("Hi"), _user("Hello?")], "chosen": [_assistant("A")], "rejected": [_assistant("B")]},
+    ]
+    for row, field in zip(conversational, ("chosen", "prompt")):
+        with pytest.raises(PreferenceDataError) as err:
+            validate_preference_rows(datasets.Dataset.from_list([row]))
+        _assert_row_error(err, 0, field)
+    ok = {"prompt": [{"role": "system", "content": "Be brief."}, _user("Hi")], "chosen": [_assistant("A")],
+          "rejected": [_assistant("B")]}
+    validate_preference_rows(datasets.Dataset.from_list([ok]))  # a system turn before the first user turn is fine
+
+
+def test_d3_real_hh_rows_with_two_assistant_turns(tmp_path):
+    if not HH_FILE.is_file():
+        pytest.skip(f"{HH_FILE} not present")
+    with gzip.open(HH_FILE, "rt") as f:
+        raw = [json.loads(line) for line in f]
+    for i in (667, 763, 1319, 1849):
+        with pytest.raises(PreferenceDataError, match="row 1, field 'prompt'.*both 'assistant' turns"):
+            validate_preference_rows(to_preference_format(datasets.Dataset.from_list([raw[0], raw[i]])))
+    path = _write_jsonl(tmp_path / "four.jsonl", [raw[i] for i in (0, 667, 763, 1319, 1849)])
+    assert len(load_preference_dataset(str(path), drop_invalid=True)) == 1

@@ -209,3 +209,50 @@ def test_local_generate_mode_parses_or_fails_honestly(tiny):
     out = run_judge(judge, [_prompt("1 2", "2 1", "verdict")], retries=0, stats=stats)
     # the tiny model never writes "[[A>B]]": a failure, counted; a parsed label would be one of the official ones
     assert (out[0] is None and stats.failed_prompts == 1) or out[0].label in LABEL_P_FIRST
+
+
+# ------------------------------------------------------------------------- real-tokenizer behaviours (issue 13)
+def _sp_judge(monkeypatch):
+    """A local judge with a Llama-2/Mistral-style tokenizer (no system role, "▁" before every lone text); the
+    scoring calls are recorded."""
+    from test_generate import random_model, sentencepiece_tokenizer
+
+    import treg.scoring
+
+    sp = sentencepiece_tokenizer()
+    calls = {}
+    for name in ("score_completions", "next_token_logprobs"):
+        real = getattr(treg.scoring, name)
+
+        def spy(model, items, *args, _real=real, _name=name, **kw):
+            calls[_name] = items
+            return _real(model, items, *args, **kw)
+
+        monkeypatch.setattr(treg.scoring, name, spy)
+    return LocalLogprobJudge(random_model(len(sp)), sp, name="sp", show_progress=False), sp, calls
+
+
+def test_d1_judge_with_a_template_without_system_role(monkeypatch):
+    """Gemma's template raises on a system turn; the judge folds the system prompt into the user turn instead."""
+    judge, sp, calls = _sp_judge(monkeypatch)
+    prompt = JudgePrompt(system="You are a fair judge.", user_template="m: {X} M: {Y}", fields=(("X", "1"), ("Y", "2")))
+    verdict = judge.judge([prompt])[0]
+    assert verdict is not None and verdict.label in ("m", "M")
+    assert sp.decode(calls["next_token_logprobs"][0]) == "<s>[INST] You are a fair judge.\n\nm: 1 M: 2 [/INST]"
+
+
+def test_d6_verdict_labels_are_scored_as_they_follow_the_prefix(monkeypatch):
+    """Each label is scored as the tokens the joined text "…My final verdict is: [[A>>B]]" has, not "▁A>>B]]"."""
+    from treg.evaluation.judges import VERDICT_PREFIX
+
+    judge, sp, calls = _sp_judge(monkeypatch)
+    prompt = JudgePrompt(user_template="A: {X}\nB: {Y}", fields=(("X", "1 2"), ("Y", "2 1")), kind="verdict")
+    assert judge.judge([prompt])[0].label in VERDICT_LABELS
+    text = sp.apply_chat_template(prompt.messages(), add_generation_prompt=True, tokenize=False) + VERDICT_PREFIX
+    items = calls["score_completions"]
+    assert len(items) == len(VERDICT_LABELS)
+    for (context, label_ids), label in zip(items, VERDICT_LABELS):
+        assert list(context) + list(label_ids) == sp(text + label + "]]", add_special_tokens=False)["input_ids"]
+        assert not sp.convert_ids_to_tokens(label_ids)[0].startswith("▁")
+    alone = sp.convert_ids_to_tokens(sp("A>>B]]", add_special_tokens=False)["input_ids"])
+    assert alone[0].startswith("▁")  # what scoring the label tokenized alone would have read

@@ -190,3 +190,61 @@ def test_cli_label_rejects_unknown_recipe_keys(tmp_path, capsys):
     assert main(["label", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'tsk'" in err and "Did you mean 'task'?" in err
+
+
+# ------------------------------------------------------------------------- real-tokenizer behaviours (issue 13)
+def _spy_labeling(monkeypatch, tokenizer, chain_of_thought):
+    """Label one pair with a random model, recording the ids the rationale is generated from and the label is read
+    after."""
+    from test_generate import random_model
+
+    import treg.feedback.labels as labels
+    import treg.scoring
+
+    seen = {}
+    real_generate, real_read = labels.generate, treg.scoring.next_token_logprobs
+
+    def generate(model, tok, prompts, **kw):
+        seen["rationale_prompts"] = [list(p) for p in prompts]
+        return real_generate(model, tok, prompts, **kw)
+
+    def read(model, prompts, *args, **kw):
+        seen["label_prompts"] = [list(p) for p in prompts]
+        return real_read(model, prompts, *args, **kw)
+
+    monkeypatch.setattr(labels, "generate", generate)
+    monkeypatch.setattr(treg.scoring, "next_token_logprobs", read)
+    rec = label_pairs(random_model(len(tokenizer)), tokenizer, [("sort: 3 1 2", "1 2 3", "the best answer")],
+                      both_orders=False, chain_of_thought=chain_of_thought, max_rationale_tokens=3,
+                      show_progress=False)[0]
+    return rec, seen
+
+
+def test_d4_cot_rationale_is_generated_from_the_ids_the_label_is_read_after(monkeypatch):
+    """With BOS: the rationale's prompt starts with BOS and is the very beginning of the label prompt."""
+    from test_generate import sentencepiece_tokenizer
+
+    sp = sentencepiece_tokenizer()
+    rec, seen = _spy_labeling(monkeypatch, sp, chain_of_thought=True)
+    (gen_prompt,), (label_prompt,) = seen["rationale_prompts"], seen["label_prompts"]
+    assert gen_prompt[0] == sp.bos_token_id and gen_prompt.count(sp.bos_token_id) == 1
+    assert label_prompt[: len(gen_prompt)] == gen_prompt
+    template = TEMPLATES["helpfulness"]
+    tail = sp(f"{template.cot_ending} {rec['rationale_a']}\n{template.ending}", add_special_tokens=False)["input_ids"]
+    assert sp.decode(label_prompt).endswith(sp.decode(tail))
+
+
+def test_d5_label_prompt_is_tokenized_as_one_text(monkeypatch):
+    """A SentencePiece tokenizer reads each separately tokenized piece with a leading "▁" (" Response 1:"); the
+    label prompt's ids are those of the whole prompt text."""
+    from test_generate import sentencepiece_tokenizer
+
+    from treg.feedback.templates import format_sample, label_prompt_body
+
+    sp = sentencepiece_tokenizer()
+    _, seen = _spy_labeling(monkeypatch, sp, chain_of_thought=False)
+    template = TEMPLATES["helpfulness"]
+    text = label_prompt_body(template) + format_sample(template, "sort: 3 1 2", "1 2 3", "the best answer")
+    assert seen["label_prompts"] == [sp(text + template.ending)["input_ids"]]  # BOS + the joined text
+    alone = sp.convert_ids_to_tokens(sp(f"{template.response_label} 1:\n", add_special_tokens=False)["input_ids"])
+    assert alone[0] == "▁Response"  # what piece-by-piece tokenizing put into the prompt

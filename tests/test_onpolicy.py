@@ -2,6 +2,7 @@
 
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from datasets import load_from_disk
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 import treg.synthetic
+from treg.data import PreferenceDataError
 from treg.feedback.onpolicy import (
     RewardModelScorer,
     build_onpolicy_pairs,
@@ -137,3 +139,35 @@ def test_main_toy_oracle(tmp_path, monkeypatch, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # temp folder renamed away
     with pytest.raises(FileExistsError):
         main(argv)
+
+
+# ------------------------------------------------------------------------------ bad prompt rows (issue 13, D9)
+HH = next((p / "data" / "hh-rlhf-harmless-base-test.jsonl.gz" for p in
+           (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")) if p.is_dir()), None)
+
+
+def test_d9_bad_prompt_rows_fail_naming_the_row_or_are_dropped_and_counted(tmp_path, monkeypatch, capsys):
+    small = TinyModelRecipe(pretrain_steps=40, sft_steps=30, batch_size=8)
+    monkeypatch.setattr(treg.synthetic, "load_tiny_model", functools.partial(treg.synthetic.load_tiny_model, small,
+                                                                             show_progress=False))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "copy: 1 2"}, {"prompt": "  "}, {"prompt": [{"role": "user", "content": "sort: 2 1"}]},
+        {"prompt": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, {"text": "no prompt"},
+    ]))
+    argv = ["--model", "treg:tiny", "--prompts", str(prompts), "--scorer", "oracle", "--num-samples", "2",
+            "--max-new-tokens", "6", "--no-progress", "--out"]
+    with pytest.raises(PreferenceDataError, match=r"prompts.jsonl:2, field 'prompt': whitespace-only.*--drop-inv"):
+        main([*argv, str(tmp_path / "a")])
+    assert main([*argv, str(tmp_path / "b"), "--drop-invalid-rows"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["prompts"] == 2 and stats["invalid_prompts_dropped"] == 3
+    if HH is None or not HH.is_file():
+        pytest.skip("the shared HH-RLHF file is not present")
+    hh = ["--model", "treg:tiny", "--prompts", str(HH), "--scorer", "direct:treg:tiny", "--num-samples", "2",
+          "--max-new-tokens", "4", "--no-progress", "--out"]
+    with pytest.raises(PreferenceDataError, match="row 1254, field 'rejected'.*--drop-invalid-rows"):
+        main([*hh, str(tmp_path / "c")])
+    assert main([*hh, str(tmp_path / "d"), "--num-prompts", "2", "--drop-invalid-rows"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["prompts"] == 2 and stats["invalid_prompts_dropped"] == 13

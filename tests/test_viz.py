@@ -239,3 +239,32 @@ def test_max_length_shows_only_the_kept_tokens(tiny, pairs, trainer_columns):
     (hm,) = compute_heatmaps(copy.deepcopy(model), tokenizer, pairs, [0], max_length=max_length)
     assert len(hm.tokens) == len(hm.rows[RHAT_LABEL]) == len(hm.defects) == 3
     assert hm.tokens == [tokenizer.decode([t]) for t in trainer_columns[0]["rejected_ids"][:3]]
+
+
+# ------------------------------------------------------------------------- real-tokenizer behaviours (issue 13)
+def test_d11_token_labels_keep_sentencepiece_word_spaces():
+    """A SentencePiece decoder drops the word-boundary space of the first token it decodes, so decoding each token
+    alone lost every space between words ("▁world" → "world"); labels read each token in place."""
+    from test_generate import sentencepiece_tokenizer
+
+    from treg.viz import token_texts
+
+    sp = sentencepiece_tokenizer()
+    context = sp("[INST] sort: 3 1 2 [/INST]")["input_ids"]
+    ids = sp("[INST] sort: 3 1 2 [/INST] the best answer\n1 2 3")["input_ids"][len(context) :]
+    assert [sp.decode([t]) for t in ids][:3] == ["the", "best", "answer"]  # the bug: no spaces
+    labels = token_texts(sp, ids, context=context)
+    assert labels[:3] == [" the", " best", " answer"]
+    assert "".join(labels) == " the best answer\n1 2 3"
+    assert [display_token(t) for t in labels[:2]] == ["·the", "·best"]
+
+
+def test_d11_byte_level_tokens_of_one_character_show_it_once(tiny):
+    """A character split over byte-level tokens: no "�" labels; the token that completes it shows it."""
+    from treg.viz import token_texts
+
+    tokenizer = tiny[1]
+    ids = tokenizer(" a 😀 b", add_special_tokens=False)["input_ids"]
+    labels = token_texts(tokenizer, ids)
+    assert "".join(labels) == " a 😀 b" and not any("\ufffd" in t for t in labels)
+    assert len(labels) == len(ids) and "😀" in labels

@@ -14,17 +14,30 @@
 ``train`` and ``rewards`` read the same YAML keys as TRL's parser (ModelConfig, DPOConfig fields) plus treg's own
 (TRegConfig, :class:`DataArguments`). Command-line flags override the YAML. ``label`` writes RLAIF AI preference
 labels (treg.feedback.labels) and a report; its YAML keys are listed in ``treg label --help``.
+
+An error in the input or environment (recipe, flags, data, model, cache, judge, evaluation files) prints one line,
+``treg: <what>, <where>, <what to do>``, and exits with status 2; ``--debug`` (or ``TREG_DEBUG=1``) shows its
+traceback. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import os
 import sys
 
-from treg.recipes import DataArguments, RecipeError, check_recipe, load_datasets, load_model_and_tokenizer
+from treg.files import UserError
+from treg.recipes import (
+    DataArguments,
+    RecipeError,
+    check_recipe,
+    check_train_settings,
+    load_datasets,
+    load_model_and_tokenizer,
+    parse_recipe_args,
+    warn_truncated_rows,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -37,26 +50,33 @@ def _parser():
 
     from treg.trainer import TRegConfig
 
-    return TrlParser((DataArguments, TRegConfig, ModelConfig))
+    return TrlParser((DataArguments, TRegConfig, ModelConfig), prog="treg train")
 
 
 def parse_train_args(argv: list[str]):
-    parser = _parser()
-    if "--config" in argv:
-        check_recipe(argv[argv.index("--config") + 1], parser)
-    data_args, config, model_args = parser.parse_args_and_config(argv)
+    """(DataArguments, TRegConfig, ModelConfig) from a recipe and flags; every error in them is a RecipeError."""
+    data_args, config, model_args = parse_recipe_args(_parser(), argv)
     return data_args, config, model_args
 
 
 # ------------------------------------------------------------------------------------------------------- building
 def build_trainer(data_args, config, model_args):
+    """The trainer, after every setting that can be checked without loading is checked (so a typo fails in the first
+    second, not after the token-reward pass); warns about completions cut to fit max_length."""
+    import importlib.util
+
     from trl import get_peft_config
 
     from treg.trainer import TRegTrainer
 
+    check_train_settings(config, data_args)
+    if model_args.use_peft and importlib.util.find_spec("peft") is None:
+        raise RecipeError("use_peft: true (LoRA) needs peft: pip install 'treg[peft]' (from a checkout: '.[peft]').")
+    train, eval_ = load_datasets(data_args)  # before the model: a bad file fails in a second
     model, tokenizer = load_model_and_tokenizer(model_args)
-    train, eval_ = load_datasets(data_args)
-    return TRegTrainer(
+    if model_args.use_peft and os.path.isdir(model.name_or_path):  # adapter_config.json records it: make it absolute
+        model.name_or_path = os.path.abspath(model.name_or_path)
+    trainer = TRegTrainer(
         model,
         args=config,
         train_dataset=train,
@@ -64,16 +84,29 @@ def build_trainer(data_args, config, model_args):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    if trainer.accelerator.is_main_process:
+        warn_truncated_rows(trainer.train_dataset, config.max_length, "train")
+        if isinstance(trainer.eval_dataset, type(trainer.train_dataset)):
+            warn_truncated_rows(trainer.eval_dataset, config.max_length, "eval")
+    return trainer
 
 
 # ------------------------------------------------------------------------------------------------------- commands
 def cmd_train(argv: list[str]) -> int:
+    """Train, save, then run the end-of-training eval hooks: a hook that fails cannot lose the trained model."""
+    from treg.evaluation.callback import EvalHookCallback
+
     data_args, config, model_args = parse_train_args(argv)
     trainer = build_trainer(data_args, config, model_args)
+    end_hooks = [c for c in trainer.callback_handler.callbacks if isinstance(c, EvalHookCallback)]
+    for hook in end_hooks:
+        hook.defer_train_end = True
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
     if trainer.accelerator.is_main_process:
         print(f"saved to {config.output_dir}")
+    for hook in end_hooks:
+        hook.run_train_end(trainer)
     return 0
 
 
@@ -133,8 +166,12 @@ def cmd_viz(argv: list[str]) -> int:
     parser.add_argument("--negative-template", default=None, help="x⁻ template (default: TRegConfig's)")
     parser.add_argument("--out", default="token-heatmap.html", help="output file, .html/.htm or .png")
     args = parser.parse_args(argv)
-    from treg.viz import VizError, visualize
+    from treg.models import check_model_spec
+    from treg.viz import visualize
 
+    check_model_spec(args.checkpoint, "--checkpoint", tokenizer=False)
+    if args.ref_model is not None:
+        check_model_spec(args.ref_model, "--ref-model", tokenizer=False)
     try:
         path = visualize(
             args.checkpoint,
@@ -149,8 +186,8 @@ def cmd_viz(argv: list[str]) -> int:
             positive_template=args.positive_template,
             negative_template=args.negative_template,
         )
-    except (VizError, ImportError) as e:
-        if isinstance(e, ImportError) and "treg[viz]" not in str(e):
+    except ImportError as e:
+        if "treg[viz]" not in str(e):
             raise
         print(f"treg viz: {e}", file=sys.stderr)
         return 2
@@ -160,8 +197,6 @@ def cmd_viz(argv: list[str]) -> int:
 
 def _label_settings(argv: list[str]) -> dict:
     """Read the `treg label` settings: defaults, then the recipe, then the flags; typed and checked."""
-    import yaml
-
     from treg.feedback.labels import LABEL_KEYS, parse_bool
 
     parser = argparse.ArgumentParser(prog="treg label", description="Label preference pairs with an AI labeler.")
@@ -171,18 +206,10 @@ def _label_settings(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     values = {k: d for k, (_, d, _) in LABEL_KEYS.items()}
     if args.config:
-        if not os.path.isfile(args.config):
-            raise RecipeError(f"recipe {args.config!r} does not exist.")
-        with open(args.config) as f:
-            config = yaml.safe_load(f) or {}
-        if not isinstance(config, dict):
-            raise RecipeError(f"recipe {args.config!r} must be a mapping of keys to values.")
-        for key in config:
-            if key not in LABEL_KEYS:
-                close = difflib.get_close_matches(key, LABEL_KEYS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise RecipeError(f"recipe {args.config!r}: unknown key {key!r}.{hint} See `treg label --help`.")
-        values.update(config)
+        known = argparse.ArgumentParser(add_help=False)  # check_recipe's known keys: exactly LABEL_KEYS
+        for key in LABEL_KEYS:
+            known.add_argument(f"--{key}")
+        values.update(check_recipe(args.config, known, keys_hint="See `treg label --help`."))
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     for key, (typ, _, _) in LABEL_KEYS.items():
         v = values[key]
@@ -236,21 +263,17 @@ def cmd_label(argv: list[str]) -> int:
 
     values = _label_settings(argv)
 
-    from treg.feedback.labels import LabelError, label_dataset, load_label_dataset
+    from treg.feedback.labels import label_dataset, load_label_dataset
     from treg.models import load_causal_lm
 
     name = values["model_name_or_path"]
     model, tokenizer = load_causal_lm(name)
     dataset = load_label_dataset(values)
-    try:
-        labeled, report = label_dataset(
-            model, tokenizer, dataset, task=values["task"], chain_of_thought=values["chain_of_thought"],
-            both_orders=values["both_orders"], batch_size=values["batch_size"],
-            max_rationale_tokens=values["max_rationale_tokens"], max_length=values["max_length"],
-        )
-    except LabelError as e:
-        print(f"treg label: {e}", file=sys.stderr)
-        return 2
+    labeled, report = label_dataset(
+        model, tokenizer, dataset, task=values["task"], chain_of_thought=values["chain_of_thought"],
+        both_orders=values["both_orders"], batch_size=values["batch_size"],
+        max_rationale_tokens=values["max_rationale_tokens"], max_length=values["max_length"],
+    )
     report.update(model=name, dataset=values["dataset"])
     final = _write_labels(labeled, report, values["output_dir"], values["output_format"])
     print(json.dumps(report, indent=2))
@@ -300,7 +323,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; an error in the user's input or environment (:class:`treg.files.UserError`) prints one line
+    ``treg: ...`` and returns 2 (the traceback only with ``--debug`` or ``TREG_DEBUG=1``); argparse errors return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TREG_DEBUG", "").lower() not in ("", "0", "false", "no")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         if argv and argv[0] not in ("-h", "--help"):
@@ -308,14 +335,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from treg.data import PreferenceDataError
-    from treg.token_rewards import TokenRewardError
-
     try:
         return COMMANDS[argv[0]](argv[1:]) or 0
-    except (RecipeError, PreferenceDataError, TokenRewardError) as e:
-        print(f"treg: {e}", file=sys.stderr)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"treg: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argparse: its message is printed; 2 for a usage error, 0 for --help
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
+        raise
 
 
 if __name__ == "__main__":

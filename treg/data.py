@@ -28,8 +28,11 @@ Inputs that are accepted and converted by :func:`to_preference_format`:
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,16 +40,27 @@ from typing import Any
 import datasets
 from trl.data_utils import extract_prompt
 
+from treg.files import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "PreferenceDataError",
     "load_preference_dataset",
+    "prompt_problem",
     "to_preference_format",
     "validate_preference_rows",
 ]
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+# Chat roles accepted in conversational rows, and those a response (chosen / rejected) may hold.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+RESPONSE_ROLES = ("assistant", "tool")
+# Per-token columns that may come with the data (treg.token_rewards names them); each pair is given whole or not at all.
+TOKEN_VALUE_COLUMN_PAIRS = (
+    ("chosen_token_rewards", "rejected_token_rewards"),
+    ("ref_chosen_token_logps", "ref_rejected_token_logps"),
+)
 _FIX_HINT = "Every row needs a non-empty prompt, chosen and rejected; drop or fix the row."
 
 # Local file suffixes and the `datasets` builder that reads them.
@@ -66,8 +80,12 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _STANDARD, _CONVERSATIONAL, _IMPLICIT, _HH = "standard", "conversational", "implicit-conversational", "hh"
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(UserError):
     """Bad preference data; message names the row index and the field and says what to do."""
+
+
+class PreferenceDataNotFound(PreferenceDataError, FileNotFoundError):
+    """A preference data path that does not exist, or a folder without data files."""
 
 
 def _row_error(idx: int, field: str, problem: str, hint: str = _FIX_HINT) -> PreferenceDataError:
@@ -85,6 +103,7 @@ def load_preference_dataset(
     config_name: str | None = None,
     max_rows: int | None = None,
     drop_invalid: bool = False,
+    counts: dict | None = None,
 ) -> datasets.Dataset:
     """Load preference rows, normalise them (:func:`to_preference_format`) and validate them.
 
@@ -95,7 +114,8 @@ def load_preference_dataset(
 
     ``max_rows`` keeps the first N raw rows (before any row is dropped).  With ``drop_invalid=False``
     (default) the first bad row raises :class:`PreferenceDataError`; with ``True`` bad rows are dropped and
-    their count plus the first few reasons are logged as a warning.
+    their count plus the first few reasons are logged as a warning. ``counts``, when given, receives
+    ``rows_read`` and ``rows_dropped``.
 
     Example::
 
@@ -104,14 +124,18 @@ def load_preference_dataset(
         ('user', 'assistant')
     """
     if max_rows is not None and max_rows < 1:
-        raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}.")
+        raise PreferenceDataError(f"max_rows must be a positive integer or None, got {max_rows!r}.")
     dataset = _load_raw(name_or_path, split, config_name)
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
+    rows_read = len(dataset)
     if drop_invalid:
         dataset = _drop_invalid_rows(dataset)
+    if counts is not None:
+        counts.update(rows_read=rows_read, rows_dropped=rows_read - len(dataset))
     dataset = to_preference_format(dataset)
     validate_preference_rows(dataset)
+    check_token_value_columns(dataset)
     return dataset
 
 
@@ -122,11 +146,18 @@ def _load_raw(name_or_path: str, split: str, config_name: str | None) -> dataset
     if path.is_dir():
         return _load_dir(path, split)
     if _looks_like_path(name_or_path):
-        raise FileNotFoundError(
+        raise PreferenceDataNotFound(
             f"Preference data file or directory not found: {str(path)!r}. "
             "Check the path (or pass a Hugging Face hub dataset id such as 'Anthropic/hh-rlhf')."
         )
-    return datasets.load_dataset(name_or_path, config_name, split=split)
+    try:
+        return datasets.load_dataset(name_or_path, config_name, split=split)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetsError) as e:
+        raise PreferenceDataError(
+            f"hub dataset {name_or_path!r} (config {config_name!r}, split {split!r}) could not be loaded: "
+            f"{type(e).__name__}: {_one_line(e)}. Check the id, config and split; offline (HF_HUB_OFFLINE=1) only "
+            "datasets already in the local Hugging Face cache load; or pass a local file or folder."
+        ) from e
 
 
 def _looks_like_path(name: str) -> bool:
@@ -141,32 +172,166 @@ def _suffix(path: Path) -> str:
 def _load_file(path: Path) -> datasets.Dataset:
     builder = _BUILDERS.get(_suffix(path))
     if builder is None:
-        raise ValueError(f"Unsupported preference data file {str(path)!r}; use one of {', '.join(_BUILDERS)}.")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+        raise PreferenceDataError(
+            f"Unsupported preference data file {str(path)!r}; use one of {', '.join(_BUILDERS)} (rename a file of "
+            "JSON lines to .jsonl; convert CSV to JSON lines or Parquet)."
+        )
+    return _read_data_files(builder, [path])
 
 
 def _load_dir(path: Path, split: str) -> datasets.Dataset:
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-        return _pick_split(datasets.load_from_disk(str(path)), split, path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
-    preferred = [p for p in files if p.name.startswith(split)]
-    files = preferred or files
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+            raise PreferenceDataError(
+                f"saved dataset {str(path)!r} (save_to_disk) cannot be read: {type(e).__name__}: {_one_line(e)}. "
+                "Save it again, or copy it again if it was copied."
+            ) from e
+        return _pick_split(loaded, split, path)
+    files = data_files_of_dir(path, split)
     if not files:
-        raise FileNotFoundError(
+        raise PreferenceDataNotFound(
             f"Directory {str(path)!r} is neither a saved dataset (save_to_disk) nor holds any "
             f"{', '.join(_BUILDERS)} file."
         )
     builders = {_BUILDERS[_suffix(p)] for p in files}
     if len(builders) > 1:
-        raise ValueError(f"Directory {str(path)!r} mixes json and parquet files; keep one kind per directory.")
-    return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+        raise PreferenceDataError(
+            f"Directory {str(path)!r} mixes json and parquet files; keep one kind per directory."
+        )
+    return _read_data_files(builders.pop(), files)
+
+
+def data_files_of_dir(path: Path, split: str) -> list[Path]:
+    """The data files of a folder that a split reads: those whose name starts with ``split``, else all of them."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and _suffix(p))
+    return [p for p in files if p.name.startswith(split)] or files
+
+
+def local_data_source(name_or_path: str, split: str) -> tuple[str, ...] | None:
+    """What a local ``name_or_path`` reads for ``split``: its data files (absolute paths), or the saved dataset's folder
+    (with the split's name when it is a DatasetDict); None for hub ids and missing paths. Two splits with the same
+    source read the same rows (a file has no splits)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return (str(path.resolve()),)
+    if not path.is_dir():
+        return None
+    if (path / "dataset_dict.json").is_file():
+        return (str(path.resolve()), split)
+    if (path / "state.json").is_file():
+        return (str(path.resolve()),)
+    return tuple(str(p.resolve()) for p in data_files_of_dir(path, split))
+
+
+def _read_data_files(builder: str, files: list[Path]) -> datasets.Dataset:
+    """``datasets.load_dataset(builder, data_files=files)``; a file it cannot read (empty, binary, truncated gzip, a
+    malformed JSON line, a bare JSON value, not Parquet) raises :class:`PreferenceDataError` naming the file and,
+    for JSON lines, the line."""
+    for path in files:
+        if path.stat().st_size == 0:
+            raise PreferenceDataError(f"preference data file {str(path)!r} is empty (0 bytes); give a file with rows.")
+    # datasets' json builder logs its own ERROR line before raising; the error below says it better, naming the line
+    quiet = logging.getLogger("datasets.packaged_modules.json.json")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except (ValueError, OSError, EOFError, StopIteration, zlib.error, datasets.exceptions.DatasetsError) as e:
+        problem = next(filter(None, (_file_problem(p, builder) for p in files)), None)
+        raise PreferenceDataError(
+            problem or f"preference data {', '.join(repr(str(p)) for p in files)} could not be read as {builder}: "
+            f"{type(e).__name__}: {_one_line(e)}. Check that the file is valid {builder}."
+        ) from e
+    finally:
+        quiet.setLevel(level)
+    if len(dataset) == 0:
+        raise PreferenceDataError(
+            f"preference data {', '.join(repr(str(p)) for p in files)} holds no rows; give a file with rows."
+        )
+    return dataset
+
+
+def _file_problem(path: Path, builder: str) -> str | None:
+    """Why ``path`` cannot be read as ``builder`` data, naming the file (and line), or None if no reason is found."""
+    name = repr(str(path))
+    if builder == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            pq.read_metadata(str(path))
+        except Exception as e:  # noqa: BLE001 — pyarrow raises several kinds; each means "not a Parquet file"
+            return f"{name} is not a readable Parquet file ({_one_line(e)}); export or copy it again."
+        return None
+    try:
+        raw = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+        return (
+            f"{name} is not a complete gzip file ({_one_line(e)}); it is probably truncated: download or compress it "
+            "again."
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return (
+            f"{name} is not UTF-8 text (undecodable byte at offset {e.start}), so not JSON: is it a binary file? "
+            "Give JSON lines (one object per line) or a JSON array of objects."
+        )
+    if not text.strip():
+        return f"{name} holds only whitespace, no rows; give a file with rows."
+    return _json_text_problem(name, text)
+
+
+def _json_text_problem(name: str, text: str) -> str | None:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        doc = None  # several values: JSON lines, checked line by line below
+    else:
+        if isinstance(doc, list):
+            bad = next((i for i, item in enumerate(doc) if not isinstance(item, dict)), None)
+            if not doc or bad is not None:
+                got = "is an empty JSON array" if not doc else f"has a {_json_type(doc[bad])} as item {bad}"
+                return f"{name} {got}; expected a JSON array of objects with prompt, chosen and rejected."
+            return None
+        if not isinstance(doc, dict):
+            return (
+                f"{name} holds a bare JSON {_json_type(doc)} ({text.strip()[:40]!r}); expected JSON lines (one object "
+                "per line) or a JSON array of objects with prompt, chosen and rejected."
+            )
+        return None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"{name} line {n} is not valid JSON ({e.msg} at column {e.colno}); fix or delete the line."
+        if not isinstance(value, dict):
+            return f"{name} line {n} is a JSON {_json_type(value)}, expected an object with prompt, chosen, rejected."
+    return None
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
 
 
 def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, path: Path) -> datasets.Dataset:
     if isinstance(loaded, datasets.Dataset):
         return loaded
     if split not in loaded:
-        raise ValueError(f"Split {split!r} not in the dataset saved at {str(path)!r}; it has {sorted(loaded)}.")
+        raise PreferenceDataError(
+            f"Split {split!r} not in the dataset saved at {str(path)!r}; it has {sorted(loaded)}."
+        )
     return loaded[split]
 
 
@@ -260,6 +425,12 @@ def _detect_format(dataset: datasets.Dataset) -> str:
             return _IMPLICIT  # e.g. UltraFeedback-binarized: string prompt, full conversations in chosen/rejected
         return _CONVERSATIONAL if isinstance(first["prompt"], list) else _STANDARD
     if isinstance(chosen, str):
+        if not _HH_TURN.search(chosen):  # plain strings without a prompt column, not HH transcripts
+            raise PreferenceDataError(
+                f"missing column 'prompt'; the dataset has columns {dataset.column_names} and row 0's 'chosen' is a "
+                "plain string, not an HH-RLHF transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...'). Add a 'prompt' "
+                "column (or rename yours to 'prompt')."
+            )
         return _HH
     if _is_message_list(chosen):
         return _IMPLICIT
@@ -349,6 +520,14 @@ def validate_preference_rows(dataset: datasets.Dataset) -> None:
     ``chosen`` differs from ``rejected``.  Row indices are 0-based into ``dataset`` as given, e.g.::
 
         row 17, field 'rejected': empty string. Every row needs a non-empty prompt, chosen and rejected; ...
+
+    Conversational rows must also alternate roles: no two consecutive messages of the conversation (the prompt
+    followed by ``chosen``, the prompt followed by ``rejected``) are both ``user`` or both ``assistant`` turns.
+    Many chat templates (Gemma, Mistral, Llama-2) raise on such a conversation when the trainer tokenizes it, with
+    an error that names no row; others render it, but it is malformed data either way (HH-RLHF's harmless-base test
+    split has four rows with two Assistant turns in a row). Such rows are rejected here, naming the row and the
+    turns, rather than merged: merging would change the text the pair was labeled on. With ``drop_invalid`` (the
+    recipe key ``drop_invalid_rows``) they are dropped and counted like any other bad row.
     """
     _require_columns(dataset, REQUIRED_COLUMNS)
     if len(dataset) == 0:
@@ -383,6 +562,11 @@ def _row_problem(row: dict[str, Any], idx: int, conversational: bool) -> str | N
         problem = "value is missing (None)" if row[field] is None else check(row[field], field)
         if problem is not None:
             return str(_row_error(idx, field, problem))
+    if conversational:
+        for field in ("chosen", "rejected"):
+            problem = _alternation_problem(row["prompt"], row[field], field)
+            if problem is not None:
+                return str(_row_error(idx, problem[0], problem[1], _ALTERNATION_HINT))
     if row["chosen"] == row["rejected"]:
         return str(
             _row_error(
@@ -393,6 +577,36 @@ def _row_problem(row: dict[str, Any], idx: int, conversational: bool) -> str | N
             )
         )
     return None
+
+
+_ALTERNATION_HINT = (
+    "Chat templates that need alternating user/assistant turns (Gemma, Mistral, Llama-2) cannot render it; merge "
+    "the two turns into one or drop the row (drop_invalid_rows: true)."
+)
+
+
+def _alternation_problem(prompt: list, response: list, field: str) -> tuple[str, str] | None:
+    """(field, problem) for the first two consecutive user or assistant turns of ``prompt + response``."""
+    turns = [("prompt", i, m["role"]) for i, m in enumerate(prompt)]
+    turns += [(field, i, m["role"]) for i, m in enumerate(response)]
+    for (f0, i0, r0), (f1, i1, r1) in zip(turns, turns[1:]):
+        if r0 == r1 and r0 in ("user", "assistant"):
+            where = f"messages {i0} and {i1}" if f0 == f1 else f"the last prompt message and {field} message {i1}"
+            return f1, f"{where} are both '{r0}' turns (roles must alternate)"
+    return None
+
+
+def prompt_problem(value: Any) -> str | None:
+    """What is wrong with a prompt on its own (a string, or chat messages whose roles alternate), or None."""
+    if value is None:
+        return "value is missing (None)"
+    if isinstance(value, str):
+        return _text_problem(value, "prompt")
+    problem = _message_list_problem(value, "prompt")
+    if problem is None:
+        alternation = _alternation_problem(value, [], "prompt")
+        problem = None if alternation is None else alternation[1]
+    return problem
 
 
 def _text_problem(value: Any, field: str) -> str | None:
@@ -415,10 +629,62 @@ def _message_list_problem(value: Any, field: str) -> str | None:
             return f"message {i} is not a {{'role': str, 'content': str}} dict: {message!r:.80}"
         if not isinstance(message.get("content"), str):
             return f"message {i} content is {_type_name(message.get('content'))}, expected a string"
+    role_problem = _role_problem(value, field)
+    if role_problem is not None:
+        return role_problem
     if field == "prompt" and not any(m["content"].strip() for m in value):
         return "every prompt message is empty or whitespace-only"
     if field != "prompt" and not value[-1]["content"].strip():
         return f"final message content is {'empty' if not value[-1]['content'] else 'whitespace-only'}"
+    return None
+
+
+def _role_problem(messages: list[dict[str, Any]], field: str) -> str | None:
+    """A role outside :data:`CHAT_ROLES`, or a response (``chosen``/``rejected``) holding a user or system turn."""
+    for i, message in enumerate(messages):
+        if message["role"] not in CHAT_ROLES:
+            return f"message {i} has role {message['role']!r}; chat roles are {', '.join(CHAT_ROLES)}: rename it"
+    if field != "prompt":
+        for i, message in enumerate(messages):
+            if message["role"] not in RESPONSE_ROLES:
+                return (
+                    f"message {i} has role {message['role']!r}, but a response holds only "
+                    f"{' or '.join(map(repr, RESPONSE_ROLES))} messages: move the turn into 'prompt' or fix the role"
+                )
+    return None
+
+
+def check_token_value_columns(dataset: datasets.Dataset) -> None:
+    """Per-token columns given with the data (token rewards, reference log-probs) come in pairs, and each value is a
+    list of numbers; raise :class:`PreferenceDataError` naming the column (and row) otherwise. Their lengths are
+    checked after tokenization (:func:`treg.token_rewards.check_token_columns`)."""
+    columns = set(dataset.column_names)
+    for pair in TOKEN_VALUE_COLUMN_PAIRS:
+        present = [c for c in pair if c in columns]
+        if len(present) == 1:
+            missing = next(c for c in pair if c not in columns)
+            raise PreferenceDataError(
+                f"column {present[0]!r} is given without {missing!r}; per-token values come in pairs (one list per "
+                f"chosen and per rejected response), and treg would otherwise replace both. Add {missing!r}, or "
+                f"drop {present[0]!r} to let treg compute both."
+            )
+        for column in present:
+            for idx, values in enumerate(dataset[column]):
+                problem = _number_list_problem(values)
+                if problem is not None:
+                    raise _row_error(
+                        idx, column, problem, "Give one number per completion token, or drop the column to recompute."
+                    )
+
+
+def _number_list_problem(values: Any) -> str | None:
+    if values is None:
+        return "value is missing (None)"
+    if not isinstance(values, list | tuple):
+        return f"expected a list of numbers, got {_type_name(values)} {values!r:.40}"
+    for k, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return f"value {k} is {'None' if v is None else f'{_type_name(v)} {v!r:.40}'}, expected a number"
     return None
 
 

@@ -6,8 +6,17 @@ or vLLM backend (optional extra, imported only when asked for).
     >>> len(texts), len(texts[0])
     (1, 2)
 
-Prompts are lists of chat messages (rendered with ``add_generation_prompt``) or plain strings (tokenized as is).
-Sampling is reproducible: the same seed, prompts and batch size give the same texts (HF backend).
+Prompts are lists of chat messages (rendered with ``add_generation_prompt``), plain strings (tokenized as is, no
+special tokens added) or lists of token ids (sent as they are, e.g. a prompt that starts with BOS). A system message
+sent to a chat template without a system role (Gemma's raises) is folded into the first user turn
+(:func:`fold_system_turns`). Generation stops at every end-of-sequence id of the checkpoint (its
+``generation_config``, e.g. Gemma's ``<end_of_turn>`` and Llama-3.1's ``<|eot_id|>``) and at the tokenizer's
+(:func:`eos_token_ids`). Sampling is reproducible: the same seed, prompts and batch size give the same texts (HF
+backend).
+
+:func:`encode_pieces` tokenizes text pieces so that their ids joined equal the ids of the joined text, which
+tokenizing each piece alone does not give: SentencePiece tokenizers (Llama-2, Mistral) prepend a word-boundary
+``▁`` to every text they tokenize, and merges can cross a boundary.
 
 ``backend="vllm"``: ``model`` is a ``vllm.LLM`` (or a path/hub id to build one) and the same token ids are sent to it
 (``TokensPrompt``), so both backends see identical prompts. vLLM is not a dependency of treg; without it installed the
@@ -20,10 +29,12 @@ Benchmark files: :func:`write_alpaca_eval_outputs` (AlpacaEval's ``model_outputs
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
 import uuid
+from collections.abc import Sequence
 
 import torch
 
@@ -32,10 +43,121 @@ from treg.models import is_partitioned
 
 
 def render_prompt(tokenizer, prompt) -> list[int]:
+    """The token ids of a prompt: a string (no special tokens added), token ids (as they are) or chat messages
+    (through the chat template with the generation prompt; system turns folded when the template has no system
+    role)."""
     if isinstance(prompt, str):
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    out = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = list(prompt)
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return prompt
+    messages = fold_system_turns(tokenizer, prompt)
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(out["input_ids"])
+
+
+_SYSTEM_PROBE = "treg-system-probe-7f3a"
+_system_support: dict[tuple, bool] = {}
+
+
+def supports_system_role(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a system message: rendering one must neither raise (Gemma's
+    template raises "System role not supported") nor drop its text. True without a chat template (nothing to
+    fold). Cached per template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return True
+    key = (str(template), str(getattr(tokenizer, "bos_token", None)), str(getattr(tokenizer, "eos_token", None)))
+    if key not in _system_support:
+        probe = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+        try:
+            text = tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+            _system_support[key] = _SYSTEM_PROBE in str(text)
+        except Exception:  # a template's raise_exception (jinja2 TemplateError) or any other rendering failure
+            _system_support[key] = False
+    return _system_support[key]
+
+
+def fold_system_turns(tokenizer, messages: Sequence[dict]) -> list[dict]:
+    """``messages`` as the chat template can render them: unchanged when it has a system role (or there is no
+    system message); otherwise each system message's text is put before the next user turn's, separated by a
+    blank line (a system message with no user turn after it becomes a user turn). The caller's dicts are not
+    modified."""
+    messages = [dict(m) for m in messages]
+    if not any(m.get("role") == "system" for m in messages) or supports_system_role(tokenizer):
+        return messages
+    out, pending = [], []
+    for m in messages:
+        if m.get("role") == "system":
+            pending.append(str(m.get("content", "")))
+            continue
+        if pending and m.get("role") == "user":
+            m["content"] = "\n\n".join([*pending, str(m.get("content", ""))])
+            pending = []
+        elif pending:
+            out.append({"role": "user", "content": "\n\n".join(pending)})
+            pending = []
+        out.append(m)
+    if pending:
+        out.append({"role": "user", "content": "\n\n".join(pending)})
+    return out
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a generation: the checkpoint's ``generation_config.eos_token_id`` (an id or a list, e.g.
+    Gemma-2's ``<eos>`` and ``<end_of_turn>``) and the tokenizer's eos, in that order, without repeats."""
+    ids: list[int] = []
+    sources = (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id)
+    for source in sources:
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def encode_pieces(tokenizer, pieces: Sequence[str]) -> list[list[int]]:
+    """The token ids of each text piece as it is tokenized inside the joined text (no special tokens added).
+
+    Concatenated they are exactly ``tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]``, which ids
+    of pieces tokenized one by one are not: a SentencePiece tokenizer that prepends "▁" to every text (Llama-2,
+    Mistral) tokenizes the piece "Response 1:" alone as "▁Response 1:", a word with a space before it that the
+    joined text does not have. A token that straddles two pieces belongs to the piece it starts in. Uses the
+    character offsets of a fast tokenizer; else tokenizes each prefix of the joined text and takes where its ids
+    stop agreeing with the whole.
+    """
+    pieces = list(pieces)
+    text = "".join(pieces)
+    starts, pos = [], 0
+    for p in pieces:
+        starts.append(pos)
+        pos += len(p)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        owner = [bisect.bisect_right(starts, a) - 1 for a, _ in enc["offset_mapping"]]
+    else:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        owner = _owners_by_prefixes(tokenizer, pieces, ids)
+    out: list[list[int]] = [[] for _ in pieces]
+    current = 0
+    for token, k in zip(ids, owner):
+        current = max(current, k)  # offsets never move a token back into an earlier piece
+        out[current].append(token)
+    return out
+
+
+def _owners_by_prefixes(tokenizer, pieces: list[str], ids: list[int]) -> list[int]:
+    """For each id of the joined text, the piece it belongs to, from where each prefix's ids stop matching."""
+    owner, prefix = [0] * len(ids), ""
+    for k, piece in enumerate(pieces[:-1], start=1):
+        prefix += piece
+        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        agree = 0
+        while agree < min(len(prefix_ids), len(ids)) and prefix_ids[agree] == ids[agree]:
+            agree += 1
+        for t in range(agree, len(ids)):
+            owner[t] = k
+    return owner
 
 
 @torch.no_grad()
@@ -76,6 +198,7 @@ def generate(
         raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [render_prompt(tokenizer, p) for p in prompts]
+    eos_ids = eos_token_ids(model, tokenizer)
     jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(num_samples)), key=lambda j: -len(encoded[j[0]]))
     out: list[list[str | None]] = [[None] * num_samples for _ in prompts]
     device = next(model.parameters()).device
@@ -103,7 +226,7 @@ def generate(
                 attention_mask=attn.to(device),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos_ids,
                 **kwargs,
             )
             for r, (i, s) in enumerate(batch):

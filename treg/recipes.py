@@ -1,6 +1,8 @@
 """Recipes: YAML files read by TRL's parser (``TrlParser``) plus treg's keys, checked before anything runs.
 
-:func:`check_recipe` fails on malformed YAML (naming the line) and on unknown keys (naming the closest known key);
+:func:`check_recipe` fails on malformed YAML (naming the line), duplicate keys and unknown keys (naming the closest
+known key); :func:`parse_recipe_args` turns every error of the recipe, the flags and the config's own checks into a
+:class:`RecipeError`; :func:`check_train_settings` checks the values that would fail (or train wrongly) only later;
 :class:`DataArguments` are the keys that say where the preference pairs come from; :func:`load_model_and_tokenizer`
 and :func:`load_datasets` turn a parsed recipe into a model and datasets. ``treg train``, ``treg rewards`` and
 ``treg rl`` share them.
@@ -8,13 +10,20 @@ and :func:`load_datasets` turn a parsed recipe into a model and datasets. ``treg
 
 from __future__ import annotations
 
+import ast
 import difflib
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 
+from treg.files import UserError
 
-class RecipeError(ValueError):
-    """A recipe that cannot be read; the message names the file and the key."""
+logger = logging.getLogger(__name__)
+
+
+class RecipeError(UserError):
+    """A recipe, flag or setting that cannot be used; the message names the file and the key."""
 
 
 @dataclass
@@ -49,8 +58,7 @@ def check_recipe(path: str, parser, keys_hint: str = TRAIN_KEYS_HINT) -> dict:
     if not os.path.isfile(path):
         raise RecipeError(f"recipe {path!r} does not exist.")
     try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
+        config = load_yaml(path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -64,6 +72,154 @@ def check_recipe(path: str, parser, keys_hint: str = TRAIN_KEYS_HINT) -> dict:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise RecipeError(f"recipe {path!r}: unknown key {key!r}.{hint} {keys_hint}")
     return config
+
+
+def load_yaml(path: str):
+    """``yaml.safe_load`` of a file, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    silently) that names the line of both."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (also at line {seen[key] + 1}); keep one of them",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    with open(path) as f:
+        return yaml.load(f, Loader=UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
+
+
+def recipe_path(argv: list[str]) -> str | None:
+    """The ``--config`` path of a command line (None without one); ``--config`` with no path is an error."""
+    if "--config" not in argv:
+        return None
+    i = argv.index("--config")
+    if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        raise RecipeError("--config needs a recipe path, e.g. --config recipes/tiny/treg-dpo.yaml.")
+    return argv[i + 1]
+
+
+def parse_recipe_args(parser, argv: list[str], keys_hint: str = TRAIN_KEYS_HINT):
+    """``parser.parse_args_and_config(argv)`` (a ``TrlParser``) after :func:`check_recipe`; a ValueError from the
+    flags or from the configs' own checks (``__post_init__``) becomes a :class:`RecipeError` naming the recipe, and an
+    unknown flag names the closest known one."""
+    argv = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    path = recipe_path(argv)
+    if path is not None:
+        check_recipe(path, parser, keys_hint=keys_hint)
+    try:
+        return parser.parse_args_and_config(argv)
+    except RecipeError:
+        raise
+    except ValueError as e:
+        raise RecipeError(_config_error(e, path, parser, keys_hint)) from e
+
+
+def _config_error(err: ValueError, path: str | None, parser, keys_hint: str) -> str:
+    message = " ".join(str(err).split())
+    unused = re.search(r"not used by the HfArgumentParser: (\[.*\])", message)
+    if unused:
+        args = [str(a) for a in ast.literal_eval(unused.group(1))] or ["?"]
+        flag = next((a for a in args if a.startswith("-")), args[0])
+        close = difflib.get_close_matches(flag, [o for a in parser._actions for o in a.option_strings], n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        return f"unknown flag {flag}.{hint} {keys_hint}"
+    where = f"recipe {path!r} or the command line" if path else "the command line"
+    return f"{message} (setting from {where}; fix the value there)"
+
+
+def check_train_settings(config, data_args) -> None:
+    """Settings that TRL or torch would reject only after the token-reward pass, or would accept and train wrongly;
+    raise :class:`RecipeError` naming the field. Called by ``treg train``/``treg rewards`` before loading anything."""
+    if config.beta <= 0:
+        raise RecipeError(
+            f"beta must be > 0, got {config.beta}: with β < 0 the loss prefers the rejected responses and β = 0 learns "
+            "nothing. Typical: 0.01-0.5 for DPO, 2-10 for SimPO."
+        )
+    if config.treg_alpha < 0:
+        raise RecipeError(f"treg_alpha must be ≥ 0, got {config.treg_alpha}.")
+    if config.base_loss == "simpo" and config.simpo_gamma < 0:
+        raise RecipeError(
+            f"simpo_gamma must be ≥ 0 with base_loss simpo, got {config.simpo_gamma}: a negative target margin "
+            "rewards the rejected response. The SimPO paper uses γ = 0.3-1.6 × β."
+        )
+    if config.learning_rate < 0:
+        raise RecipeError(f"learning_rate must be ≥ 0, got {config.learning_rate}.")
+    if config.max_length is not None and config.max_length < 1:
+        raise RecipeError(f"max_length must be ≥ 1 (or None for no truncation), got {config.max_length}.")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "precompute_ref_batch_size"):
+        value = getattr(config, name, None)
+        if value is not None and value < 1:
+            raise RecipeError(f"{name} must be ≥ 1, got {value}.")
+    for name in ("max_train_rows", "max_eval_rows", "toy_num_pairs"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise RecipeError(f"{name} must be ≥ 1 (leave it out for all rows), got {value}.")
+    if config.eval_strategy not in (None, "no") and not data_args.dataset_test_split:
+        raise RecipeError(
+            f"eval_strategy={getattr(config.eval_strategy, 'value', config.eval_strategy)!r} needs an evaluation set, "
+            "but dataset_test_split is empty; set dataset_test_split, or --eval_strategy no."
+        )
+    _check_resume(config.resume_from_checkpoint)
+    if config.eval_hooks:
+        from treg.evaluation.callback import check_hook_settings
+
+        check_hook_settings(
+            config.eval_hooks, judge=config.eval_hook_judge, when=config.eval_hook_when,
+            bench=config.eval_hook_arena_bench,
+        )
+
+
+def _check_resume(checkpoint) -> None:
+    if checkpoint is None or isinstance(checkpoint, bool):
+        return
+    if not os.path.isdir(checkpoint):
+        raise RecipeError(
+            f"resume_from_checkpoint {checkpoint!r}: no such folder; pass a checkpoint folder such as "
+            "runs/my-run/checkpoint-500 (written when save_strategy is not 'no')."
+        )
+    if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        raise RecipeError(
+            f"resume_from_checkpoint {checkpoint!r}: the folder has no trainer_state.json, so it is not a complete "
+            "checkpoint (a run killed while saving leaves one like it); resume from an earlier checkpoint-N."
+        )
+
+
+def warn_truncated_rows(dataset, max_length: int | None, name: str = "train") -> int:
+    """Log a warning with the number of rows whose completion is cut to fit ``max_length`` (prompt tokens are kept,
+    completions lose their end: training sees only the kept tokens); returns that number. ``dataset`` is tokenized
+    (``prompt_ids``, ``chosen_ids``, ``rejected_ids``)."""
+    if max_length is None or dataset is None or "prompt_ids" not in dataset.column_names:
+        return 0
+    import pyarrow.compute as pc
+
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    lengths: dict[str, list[int]] = {c: [] for c in columns}
+    for batch in dataset.select_columns(list(columns)).with_format("arrow").iter(batch_size=10_000):
+        for c in columns:  # lengths only: the token lists stay in Arrow
+            lengths[c].extend(pc.list_value_length(batch[c]).to_pylist())
+    cut = []
+    for row, (p, c, r) in enumerate(zip(*(lengths[c] for c in columns))):
+        if p + max(c, r) > max_length:
+            cut.append((row, max(c, r), max(0, max_length - p)))
+    if cut:
+        row, longest, kept = cut[0]
+        logger.warning(
+            "%s: %d of %d rows have a completion cut to fit max_length=%d (first: row %d, %d completion tokens, %d "
+            "kept); training sees only the kept tokens. Raise max_length, or shorten or drop those rows.",
+            name, len(cut), len(dataset), max_length, row, longest, kept,
+        )
+    return len(cut)
 
 
 def load_model_and_tokenizer(model_args):
@@ -95,9 +251,21 @@ def load_datasets(data_args):
         from treg.synthetic import make_pairs
 
         train = make_pairs(data_args.toy_num_pairs, seed=data_args.toy_seed)
+        if data_args.max_train_rows is not None:
+            train = train.select(range(min(data_args.max_train_rows, len(train))))
         eval_ = make_pairs(data_args.max_eval_rows or 128, seed=data_args.toy_seed + 10_000)
         return train, (eval_ if data_args.dataset_test_split else None)
-    from treg.data import load_preference_dataset
+    from treg.data import load_preference_dataset, local_data_source
+
+    test_split = data_args.dataset_test_split
+    source = local_data_source(data_args.dataset_name, data_args.dataset_train_split)
+    if test_split and source is not None and source == local_data_source(data_args.dataset_name, test_split):
+        raise RecipeError(
+            f"dataset_test_split={test_split!r} reads the same data as the training split from dataset_name "
+            f"{data_args.dataset_name!r} (a file has no splits; a folder gives a split the files whose name starts "
+            "with it, else all), so eval_loss would be measured on training rows. Evaluate on other data (a folder "
+            "holding train*.jsonl and test*.jsonl), or pass --dataset_test_split= --eval_strategy no."
+        )
 
     def load(split, max_rows):
         return load_preference_dataset(

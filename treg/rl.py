@@ -443,6 +443,9 @@ def build_reward_funcs(specs: Sequence[str], batch_size: int = 16) -> tuple[list
         elif kind == "rm" and rest:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+            from treg.models import check_model_spec
+
+            check_model_spec(rest, f"reward_funcs {spec!r}")
             model = AutoModelForSequenceClassification.from_pretrained(rest)
             if getattr(model.config, "num_labels", 1) != 1:
                 raise RecipeError(

@@ -29,7 +29,7 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from treg.files import write_atomic, write_text_atomic
+from treg.files import UserError, write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ _NAN = (200, 200, 200)
 _DEFECT = (40, 40, 40)
 
 
-class VizError(ValueError):
+class VizError(UserError):
     """Bad input to the heatmap renderer or to ``treg viz``; the message names what is wrong."""
 
 
@@ -112,6 +112,38 @@ def display_token(token: str) -> str:
     if token == "":
         return "∅"
     return token.replace(" ", "·").replace("\r", "␍").replace("\n", "↵").replace("\t", "→")
+
+
+_TOKEN_CONTEXT = 8  # prompt tokens decoded before a response's first token, so it reads as it does in place
+
+
+def token_texts(tokenizer, ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
+    """The text of each token of ``ids`` as it reads in place: what decoding up to it adds to decoding up to the
+    token before (after the last few ``context`` ids, e.g. the prompt's).
+
+    Decoding a token alone loses what depends on its neighbours: a SentencePiece decoder drops the word-boundary
+    space of the first token it decodes (Llama-2, Mistral: "▁the" → "the"), and a character split over byte tokens
+    comes out as "�". Here a token that ends inside a character shows nothing and the one that completes it shows
+    the character; byte-level markers (Ġ, Ċ) and "▁" become the spaces and newlines they stand for.
+    """
+    ctx = list(context)[-_TOKEN_CONTEXT:]
+    seq = ctx + list(ids)
+
+    def text(n: int) -> str:
+        return tokenizer.decode(seq[:n], clean_up_tokenization_spaces=False)
+
+    out, prev = [], text(len(ctx))
+    for t in range(len(ids)):
+        cur = text(len(ctx) + t + 1)
+        if cur.endswith("\ufffd") and t + 1 < len(ids):
+            out.append("")  # ends inside a character: the next token shows it
+        elif cur.startswith(prev):
+            out.append(cur[len(prev) :])
+            prev = cur
+        else:  # the decoded prefix changed (a decoder that rewrites earlier text): the token on its own
+            out.append(tokenizer.decode([ids[t]], clean_up_tokenization_spaces=False))
+            prev = cur
+    return out
 
 
 def _check_heatmaps(heatmaps) -> list[TokenHeatmap]:
@@ -531,7 +563,7 @@ def compute_heatmaps(
         prompt = _text_of(example["prompt"]) or ""
         heatmaps.append(
             TokenHeatmap(
-                tokens=[tokenizer.decode([t]) for t in ids[:kept]],
+                tokens=token_texts(tokenizer, ids[:kept], context=example["prompt_ids"]),
                 rows=values,
                 defects=_token_defects(tokenizer, example, s, ids, kept, rows[i]),
                 title=f"row {rows[i]} · {s} · {prompt}",
@@ -557,6 +589,11 @@ def _load_model(name: str, with_tokenizer: bool = True):
 
         model, tokenizer, _ = load_tiny_model(show_progress=False)
         return model, tokenizer
+    from treg.models import load_adapter_folder
+
+    adapter = load_adapter_folder(name, show_progress=False)  # a LoRA run's output: its base, adapter merged in
+    if adapter is not None:
+        return adapter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(name)

@@ -75,6 +75,9 @@ def load_judge_config(bench: str = "v0.1", path: str | None = None) -> dict:
 
 
 def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise ArenaHardError(f"{path!r} does not exist; pass an existing JSON-lines file (or leave the flag out to use "
+                             "the data manifest).")
     rows = []
     try:
         with open(path, encoding="utf-8") as f:

@@ -7,6 +7,11 @@ arguments (``model``, ``processing_class``); the callback knows nothing of the t
 ``log``) sends the metrics to every reporter; without it they are appended to ``state.log_history``. Only the main
 process evaluates (``state.is_world_process_zero``).
 
+Everything a hook needs that can be wrong (benchmark names, schedule, judge spec, data files) is checked when the
+callback is built (:func:`check_hook_settings`; ``treg train`` calls it before loading anything), so a typo fails in the
+first second rather than after training. A caller that saves the model first sets ``defer_train_end`` and calls
+:meth:`EvalHookCallback.run_train_end` after saving (``treg train`` does), so a hook that fails cannot lose the run.
+
 Under DeepSpeed ZeRO-3 the policy's weights are partitioned and only all processes together can run it, so a main
 process generating alone would wait forever. There every process first takes part in gathering the weights, one
 tensor at a time, and the main process evaluates an unpartitioned copy (the whole model in its memory while the hook
@@ -24,22 +29,81 @@ from collections.abc import Callable
 
 from transformers import TrainerCallback
 
-from treg.models import full_tensors, is_partitioned
+from treg.evaluation.judges import JudgeError
+from treg.files import UserError
+from treg.models import check_model_spec, full_tensors, is_partitioned
 
 logger = logging.getLogger(__name__)
 
 HOOKS = ("alpaca_eval", "arena_hard")
+BENCHES = ("v0.1", "v2.0")
 
 
 def parse_when(when) -> str | int:
     """ "end", "eval", or a positive step interval (int or digit string)."""
     if isinstance(when, int) or (isinstance(when, str) and when.isdigit()):
         if int(when) < 1:
-            raise ValueError(f"eval_hook_when as a step interval must be ≥ 1, got {when}.")
+            raise UserError(f"eval_hook_when as a step interval must be ≥ 1, got {when}.")
         return int(when)
     if when not in ("end", "eval"):
-        raise ValueError(f"eval_hook_when must be 'end', 'eval' or a step interval, got {when!r}.")
+        raise UserError(f"eval_hook_when must be 'end', 'eval' or a step interval, got {when!r}.")
     return when
+
+
+def check_judge_spec(spec: str | None, setting: str = "eval_hook_judge") -> None:
+    """Raise :class:`JudgeError` (a treg user error naming ``setting``) for a judge spec that cannot work, without
+    loading a model: ``openai:MODEL@URL`` needs both parts and an http(s) URL; a local path must be a model folder; a
+    hub id must be in the local hub cache when offline (:func:`treg.models.check_model_spec`). None = the policy."""
+    if spec is None:
+        return
+    if not isinstance(spec, str) or not spec.strip():
+        raise JudgeError(f"{setting}: empty judge spec; give treg:tiny, a model folder or hub id, or openai:MODEL@URL.")
+    if spec.startswith("openai:"):
+        model, at, url = spec[len("openai:") :].rpartition("@")
+        if not at or not model or not url.startswith(("http://", "https://")):
+            raise JudgeError(
+                f"{setting} {spec!r}: write openai:MODEL@BASE_URL with an http(s) URL, e.g. "
+                "openai:gpt-4-1106-preview@https://api.openai.com/v1 or openai:my-judge@http://localhost:8000/v1."
+            )
+        return
+    try:
+        check_model_spec(spec[3:] if spec.startswith("hf:") else spec, setting=setting)
+    except ValueError as e:
+        raise JudgeError(f"{e} Judges: treg:tiny, a model folder or hub id, or openai:MODEL@URL.") from e
+
+
+def check_hook_settings(
+    hooks,
+    *,
+    judge: str | None = None,
+    when="end",
+    bench: str = "v0.1",
+    reference_path: str | None = None,
+    questions_path: str | None = None,
+    baseline_paths: list[str] | None = None,
+) -> None:
+    """Check what :class:`EvalHookCallback` will need, without loading anything: known benchmarks, the schedule, the
+    judge spec (:func:`check_judge_spec`) and the benchmark files (explicit paths or found through eval/data.yaml).
+    Raises a :class:`treg.files.UserError` (JudgeError, DataNotFound) naming the setting or file."""
+    from treg.evaluation import data
+
+    unknown = [h for h in hooks or () if h not in HOOKS]
+    if unknown or not hooks:
+        raise UserError(f"eval_hooks {list(hooks or ())}: choose from {list(HOOKS)}.")
+    parse_when(when)
+    if "arena_hard" in hooks and bench not in BENCHES:
+        raise UserError(f"eval_hook_arena_bench {bench!r}: choose from {list(BENCHES)}.")
+    check_judge_spec(judge)
+    files = []
+    if "alpaca_eval" in hooks:
+        files.append(("--reference-outputs", data.alpaca_reference(reference_path)))
+    if "arena_hard" in hooks:
+        files.append(("--questions", data.arena_questions(bench, questions_path)))
+        files += [("--baseline-answers", p) for p in data.arena_baselines(bench, baseline_paths)]
+        files.append(("the Arena-Hard judge config", data.asset("arena_hard", f"arena-hard-{bench}.yaml")))
+    for flag, path in files:
+        if not os.path.isfile(path):
+            raise data.DataNotFound(f"eval hooks: {flag} file {path!r} does not exist; check the path.")
 
 
 class EvalHookCallback(TrainerCallback):
@@ -71,15 +135,17 @@ class EvalHookCallback(TrainerCallback):
         baseline_paths: list[str] | None = None,
         no_partition: Callable[[], contextlib.AbstractContextManager] | None = None,
     ):
-        unknown = [h for h in hooks if h not in HOOKS]
-        if unknown or not hooks:
-            raise ValueError(f"eval_hooks {list(hooks)}: choose from {list(HOOKS)}.")
+        check_hook_settings(
+            hooks, judge=judge, when=when, bench=bench, reference_path=reference_path,
+            questions_path=questions_path, baseline_paths=baseline_paths,
+        )
         self.hooks, self.max_instances, self.judge_spec = list(hooks), max_instances, judge
         self.when, self.output_dir, self.bench, self.log = parse_when(when), output_dir, bench, log
         self.gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
         self.paths = {"reference": reference_path, "questions": questions_path, "baselines": baseline_paths}
         self._judge = None
         self.history: list[dict] = []
+        self.defer_train_end = False  # set by a caller that saves the model first, then calls run_train_end
         self.no_partition = no_partition or contextlib.nullcontext
 
     def _judge_for(self, model, tokenizer):
@@ -170,5 +236,11 @@ class EvalHookCallback(TrainerCallback):
             self._fire(args, state, model, processing_class)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if self.when == "end":
+        if self.when == "end" and not self.defer_train_end:
             self._fire(args, state, model, processing_class)
+
+    def run_train_end(self, trainer) -> None:
+        """The end-of-training hooks, for a caller that set ``defer_train_end`` and has saved the model. Collective
+        under ZeRO-3, like training: every process calls it."""
+        if self.when == "end":
+            self._fire(trainer.args, trainer.state, trainer.model, trainer.processing_class)

@@ -18,7 +18,10 @@ Judges:
   made to write ``My final verdict is: [[`` and the five labels ``A>>B]]`` … are scored as continuations
   (:func:`treg.scoring.score_completions`); the label with the highest probability is its verdict (no written
   explanation, so no "own answer first" step; this differs from the official text judge). ``mode="generate"`` writes
-  the judgment greedily and parses it like an API judge.
+  the judgment greedily and parses it like an API judge. Text that follows the chat template (the verdict prefix, a
+  choice, a label) is tokenized as part of the joined text (:func:`treg.generation.encode_pieces`), never alone: a
+  SentencePiece tokenizer would read a lone "A>>B]]" as "▁A>>B]]". A chat template without a system role (Gemma's)
+  gets the system prompt folded into the user turn (:func:`treg.generation.fold_system_turns`).
 * :class:`EndpointJudge` — an OpenAI-compatible ``/chat/completions`` server (an API, or ``vllm serve`` on a local
   port). ``choice`` prompts ask for one token with ``logprobs``; a server that does not return them is parsed as text.
   The API key is read from the environment variable named by ``api_key_env`` and only ever sent in the
@@ -50,7 +53,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from treg.files import write_json_atomic
+from treg.files import UserError, write_json_atomic
+from treg.generation import encode_pieces, fold_system_turns, generate
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ STRONG_LABELS = frozenset({"A>>B", "B>>A", "A<<B", "B<<A"})
 VERDICT_PREFIX = "My final verdict is: [["
 
 
-class JudgeError(ValueError):
+class JudgeError(UserError):
     """A judge that cannot be built or a prompt it cannot read (not a per-item failure: those return None)."""
 
 
@@ -212,22 +216,28 @@ class LocalLogprobJudge:
         self.cache_id = f"local:{self.name}:{hash_module(model)}:{mode}:{self.max_length}:{max_new_tokens}"
 
     # -- rendering
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def _render(self, messages, suffix: str = "") -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(ids["input_ids"]) + (self._encode(suffix) if suffix else [])
+        """The chat-template ids of ``messages`` with the generation prompt, and ``suffix`` tokenized after it as the
+        joined text tokenizes (the judge's template may lack a system role: then the system text is folded)."""
+        messages = fold_system_turns(self.tokenizer, messages)
+        if not suffix:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
+            return list(out["input_ids"])
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        head, tail = encode_pieces(self.tokenizer, [text, suffix])
+        return head + tail
 
-    def _fit(self, prompt: JudgePrompt, suffix: str, reserve: int) -> tuple[list[int], bool]:
-        """Prompt ids within ``max_length - reserve``; answer fields cut proportionally when needed."""
+    def _fit(self, prompt: JudgePrompt, suffix: str, reserve: int) -> tuple[list[int], bool, dict[str, str]]:
+        """Prompt ids within ``max_length - reserve``, whether they were cut, and the answer fields they show (cut
+        proportionally when needed)."""
         fields = dict(prompt.fields)
         budget = self.max_length - reserve
         ids = self._render(prompt.messages(fields), suffix)
         truncated = False
         for _ in range(8):
             if len(ids) <= budget:
-                return ids, truncated
+                return ids, truncated, fields
             truncated = True
             ratio = max(0.0, (budget / len(ids)) * 0.9)
             fields = {k: v[: int(len(v) * ratio)] for k, v in fields.items()}
@@ -244,14 +254,37 @@ class LocalLogprobJudge:
                 )
                 self._warned = True
             ids = ids[-budget:]
-        return ids, truncated
+        return ids, truncated, fields
+
+    def _verdict_items(self, prompt: JudgePrompt, reserve: int) -> tuple[list[tuple[list[int], list[int]]], bool]:
+        """``(context, label ids)`` for each of the five labels, and whether the prompt was cut. The chat text, the
+        verdict prefix and the label are tokenized as one text ("…My final verdict is: [[A>>B]]"); the context is
+        the ids the five texts share (a tokenizer may merge "[[" with the label), cut to ``max_length - reserve``."""
+        _, truncated, fields = self._fit(prompt, VERDICT_PREFIX, reserve)
+        messages = fold_system_turns(self.tokenizer, prompt.messages(fields))
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        fulls = [
+            list(self.tokenizer(text + VERDICT_PREFIX + label + "]]", add_special_tokens=False)["input_ids"])
+            for label in VERDICT_LABELS
+        ]
+        common = len(fulls[0])
+        for other in fulls[1:]:
+            same = next((k for k, (a, b) in enumerate(zip(fulls[0], other)) if a != b), min(len(fulls[0]), len(other)))
+            common = min(common, same)
+        context = fulls[0][:common][-(self.max_length - reserve) :]
+        return [(context, full[common:]) for full in fulls], truncated
 
     def _choice_ids(self, choices) -> list[int]:
+        """Each choice's token as it follows the generation prompt (the judge's first reply token)."""
+        probe = [{"role": "user", "content": "Which is better?"}]
+        context = self.tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
         ids = []
         for c in choices:
-            enc = self._encode(c)
+            enc = encode_pieces(self.tokenizer, [context, c])[1]
             if len(enc) != 1:
-                raise JudgeError(f"choice {c!r} is {len(enc)} tokens for this judge's tokenizer; it must be one.")
+                raise JudgeError(
+                    f"choice {c!r} is {len(enc)} tokens after this judge's generation prompt; it must be one."
+                )
             ids.append(enc[0])
         return ids
 
@@ -303,21 +336,22 @@ class LocalLogprobJudge:
     def _judge_verdict_logprob(self, prompts, idx, out):
         from treg.scoring import score_completions
 
-        conts = [self._encode(label + "]]") for label in VERDICT_LABELS]
-        reserve = max(len(c) for c in conts) + 1
-        fitted = [self._fit(prompts[i], VERDICT_PREFIX, reserve) for i in idx]
-        items = [(ids, c) for ids, _ in fitted for c in conts]
+        n = len(VERDICT_LABELS)
+        reserve = max(len(self.tokenizer(label + "]]", add_special_tokens=False)["input_ids"]) for label in
+                      VERDICT_LABELS) + 2
+        fitted = [self._verdict_items(prompts[i], reserve) for i in idx]
+        items = [item for label_items, _ in fitted for item in label_items]
         scores = score_completions(
             self.model,
             items,
-            batch_size=self.batch_size * len(conts),
+            batch_size=self.batch_size * n,
             pad_token_id=self.pad_id,
             desc="Judging",
             show_progress=self.show_progress,
         )
         for j, i in enumerate(idx):
             try:
-                p = _normalize([float(s.sum()) for s in scores[j * len(conts) : (j + 1) * len(conts)]])
+                p = _normalize([float(s.sum()) for s in scores[j * n : (j + 1) * n]])
             except FloatingPointError as e:
                 logger.warning("judge failure on prompt %d: %s", i, e)
                 continue
@@ -332,8 +366,6 @@ class LocalLogprobJudge:
             )
 
     def _judge_verdict_generate(self, prompts, idx, out):
-        from treg.generation import generate
-
         convs = {i: prompts[i].messages() for i in idx}
         texts = {i: "" for i in idx}
         pending = list(idx)
@@ -346,7 +378,7 @@ class LocalLogprobJudge:
             gens = generate(
                 self.model,
                 self.tokenizer,
-                [self.tokenizer.decode(x) for x in ids],
+                ids,
                 max_new_tokens=self.max_new_tokens,
                 batch_size=self.batch_size,
                 show_progress=self.show_progress,

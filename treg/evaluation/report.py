@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from treg.files import write_atomic, write_text_atomic
+from treg.files import UserError, write_atomic, write_text_atomic
 
 
 def _fmt(x, digits: int = 1) -> str:
@@ -90,8 +90,15 @@ def compare(paths: list[str], out_dir: str) -> tuple[str, str | None]:
     """A markdown table (and ``comparison.png`` when matplotlib is installed) over several ``results.json``."""
     runs = []
     for p in paths:
-        with open(os.path.join(p, "results.json") if os.path.isdir(p) else p) as f:
-            runs.append(json.load(f))
+        path = os.path.join(p, "results.json") if os.path.isdir(p) else p
+        try:
+            with open(path, encoding="utf-8") as f:
+                runs.append(json.load(f))
+        except FileNotFoundError as e:
+            raise UserError(f"compare: {path!r} does not exist; pass run folders that `treg eval` wrote (they hold "
+                            "results.json) or results.json files.") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"compare: {path!r} is not a results JSON file ({e}).") from e
     lines = ["| run | benchmark | model | judge | score (%) | interval |", "|---|---|---|---|---|---|"]
     for p, r in zip(paths, runs):
         s, lo, hi = headline(r)

@@ -22,7 +22,11 @@ responses are swapped:  ``(p_order_a − 0.5) · (p_order_b − 0.5) < 0``. (Ord
 order counts as not biased. The indicator is the same before and after the harmlessness inversion.
 
 Chain of thought: the prompt ends with the template's ``cot_ending``; the labeler writes a rationale (greedy,
-``max_rationale_tokens``); the rationale, a newline and the ordinary ending are appended and ``1``/``2`` are read.
+``max_rationale_tokens``) from exactly those token ids (BOS included, as when the label is read); the rationale, a
+newline and the ordinary ending are appended and ``1``/``2`` are read.
+
+A label prompt is tokenized as one text (:func:`treg.generation.encode_pieces`), not piece by piece: a SentencePiece
+tokenizer that prepends "▁" to each text it tokenizes (Llama-2, Mistral) would otherwise read " Response 1:".
 
 Prompts longer than ``max_length`` tokens are cut: the context loses tokens from its start (the latest turns are
 kept); if both responses alone still do not fit, each is cut at its end to an equal share. Such pairs are flagged
@@ -39,7 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from treg.feedback.templates import LabelTemplate, get_template, label_prompt_body
+from treg.feedback.templates import LabelTemplate, get_template, label_prompt_body, sample_pieces
+from treg.files import UserError
+from treg.generation import encode_pieces, generate
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ __all__ = [
 ]
 
 
-class LabelError(ValueError):
+class LabelError(UserError):
     """A pair that cannot be labeled (malformed row, non-finite log-probs, label tokens that do not exist)."""
 
 
@@ -133,22 +139,19 @@ class _PromptBuilder:
     def __init__(self, tokenizer, template: LabelTemplate, few_shot, chain_of_thought, max_length, reserve):
         self.t = template
         self.tok = tokenizer
-        self.head = _special_prefix(tokenizer) + _encode(tokenizer, label_prompt_body(template, few_shot))
-        self.ctx_label = _encode(tokenizer, f"{template.context_label}:\n")
-        self.ending = _encode(tokenizer, template.ending)
-        self.cot = _encode(tokenizer, template.cot_ending) if chain_of_thought else []
+        self.special = _special_prefix(tokenizer)
+        self.body = label_prompt_body(template, few_shot)
+        self.end = template.cot_ending if chain_of_thought else template.ending
         self.max_length = max_length
-        self.reserve = reserve  # tokens kept free after the sample (ending, rationale, label)
+        self.reserve = reserve  # tokens kept free after the prompt (label; with CoT the rationale and ending)
 
     def sample_ids(self, context: str, first: str, second: str) -> tuple[list[int], bool]:
-        """Head + sample tokens (no ending), cut to fit ``max_length``; and whether anything was cut."""
-        t = self.t
-        ctx = _encode(self.tok, context + "\n\n")
-        r1_label = _encode(self.tok, f"{t.response_label} 1:\n")
-        r2_label = _encode(self.tok, f"\n\n{t.response_label} 2:\n")
-        r1, r2 = _encode(self.tok, first), _encode(self.tok, second)
-        tail = _encode(self.tok, "\n\n")
-        fixed = len(self.head) + len(self.ctx_label) + len(r1_label) + len(r2_label) + len(tail) + self.reserve
+        """Special prefix (BOS) + preamble, exemplars, sample and ending (the CoT ending with chain of thought),
+        tokenized as one text, context and responses cut to fit ``max_length``; and whether anything was cut."""
+        pieces = encode_pieces(self.tok, [self.body, *sample_pieces(self.t, context, first, second), self.end])
+        body, ctx_label, ctx, r1_label, r1, r2_label, r2, tail, end = pieces
+        head = self.special + body
+        fixed = len(head) + len(ctx_label) + len(r1_label) + len(r2_label) + len(tail) + len(end) + self.reserve
         truncated = False
         if self.max_length is not None:
             room = self.max_length - fixed
@@ -164,7 +167,7 @@ class _PromptBuilder:
                     share = room // 2
                     n1 = min(len(r1), max(share, room - len(r2)))
                     r1, r2 = r1[:n1], r2[: room - n1]
-        return self.head + self.ctx_label + ctx + r1_label + r1 + r2_label + r2 + tail, truncated
+        return head + ctx_label + ctx + r1_label + r1 + r2_label + r2 + tail + end, truncated
 
 
 def _default_max_length(model, tokenizer) -> int | None:
@@ -208,9 +211,9 @@ def label_pairs(
     label_ids = label_token_ids(tokenizer, template.ending)
     if max_length is None:
         max_length = _default_max_length(model, tokenizer)
-    reserve = len(_encode(tokenizer, "\n")) + len(_encode(tokenizer, template.ending)) + 1
-    if chain_of_thought:
-        reserve += len(_encode(tokenizer, template.cot_ending)) + max_rationale_tokens + 1
+    reserve = 1
+    if chain_of_thought:  # the rationale (and a space before it), then a newline and the ending
+        reserve += max_rationale_tokens + 1 + len(_encode(tokenizer, "\n" + template.ending))
     builder = _PromptBuilder(tokenizer, template, few_shot, chain_of_thought, max_length, reserve)
 
     orders = ("a", "b") if both_orders else ("a",)
@@ -233,24 +236,23 @@ def label_pairs(
 
 
 def _label_prompts(model, tokenizer, builder, jobs, chain_of_thought, max_rationale_tokens, batch_size, show_progress):
-    """Finish each job's prompt with the label ending (after a generated rationale with chain of thought)."""
+    """Each job's prompt, which ends with the label ending; with chain of thought it ends with the CoT ending: the
+    labeler writes a rationale from those very ids (BOS included) and the rationale and label ending follow, all
+    tokenized as the joined text reads."""
     rationales: list[str | None] = [None] * len(jobs)
     if not chain_of_thought:
-        return [ids + builder.ending for _, _, ids, _ in jobs], rationales
-    from treg.generation import generate
-
-    nl = _encode(tokenizer, "\n")
-    special = len(_special_prefix(tokenizer))  # generate() tokenizes the text without special tokens
-    cot_texts = [tokenizer.decode(ids[special:] + builder.cot) for _, _, ids, _ in jobs]
+        return [ids for _, _, ids, _ in jobs], rationales
     outs = generate(
-        model, tokenizer, cot_texts, max_new_tokens=max_rationale_tokens, batch_size=batch_size,
+        model, tokenizer, [ids for _, _, ids, _ in jobs], max_new_tokens=max_rationale_tokens, batch_size=batch_size,
         show_progress=show_progress, desc="Rationales",
     )
     prompts = []
     for j, (_, _, ids, _) in enumerate(jobs):
         rationale = outs[j][0].strip()
         rationales[j] = rationale
-        prompts.append(ids + builder.cot + _encode(tokenizer, " " + rationale) + nl + builder.ending)
+        t = builder.t
+        _, rationale_ids, ending_ids = encode_pieces(tokenizer, [t.cot_ending, " " + rationale, "\n" + t.ending])
+        prompts.append(ids + rationale_ids + ending_ids)
     return prompts, rationales
 
 

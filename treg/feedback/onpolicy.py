@@ -18,6 +18,11 @@ Command line (registered as ``treg pairs``)::
     python -m treg.feedback.onpolicy --model treg:tiny --prompts treg:toy --num-prompts 64 --scorer oracle --out pairs
     python -m treg.feedback.onpolicy --model ckpt --prompts prompts.jsonl --scorer rm:path/to/rm --out pairs
     python -m treg.feedback.onpolicy --model ckpt --prompts data.jsonl --scorer direct:path/to/judge --out pairs
+    treg pairs --model ckpt --prompts hh-rlhf-harmless-base-test.jsonl.gz --drop-invalid-rows --scorer rm:RM --out pairs
+
+Prompts are checked like training data (:mod:`treg.data`): a bad row (an empty prompt, turns that do not alternate,
+an HH pair whose two transcripts disagree on the dialogue) stops the run with an error naming the row, unless
+``--drop-invalid-rows`` drops such rows; their count is reported (``invalid_prompts_dropped``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from collections.abc import Callable, Sequence
 import torch
 from datasets import Dataset
 
-from treg.generation import generate
+from treg.generation import fold_system_turns, generate
 
 Scorer = Callable[[object, str], float]
 
@@ -60,7 +65,8 @@ class RewardModelScorer:
 
     def encode(self, prompt, response: str) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None):
-            messages = _as_messages(prompt) + [{"role": "assistant", "content": response}]
+            messages = fold_system_turns(self.tokenizer, _as_messages(prompt))  # e.g. Gemma: no system role
+            messages += [{"role": "assistant", "content": response}]
             ids = list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
         else:
             text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
@@ -225,25 +231,53 @@ def build_onpolicy_pairs(
 
 
 # ------------------------------------------------------------------------------------------------------ entry point
-def load_prompts(spec: str, num_prompts: int | None, split: str, seed: int) -> list:
-    """``treg:toy`` (toy task prompts), a ``.jsonl`` file with a ``prompt`` field, or a preference dataset's prompts."""
+_DROP_HINT = "treg pairs --drop-invalid-rows drops such rows and counts them"
+
+
+def load_prompts(spec: str, num_prompts: int | None, split: str, seed: int, drop_invalid: bool = False,
+                 counts: dict | None = None) -> list:
+    """``treg:toy`` (toy task prompts), a ``.jsonl`` file with a ``prompt`` field, or a preference dataset's prompts
+    (checked and converted by :func:`treg.data.load_preference_dataset`).
+
+    The first ``num_prompts`` prompts; with ``drop_invalid`` the first ``num_prompts`` valid ones, and ``counts``
+    (when given) gets ``invalid_prompts_dropped``. Without it a bad row raises
+    :class:`~treg.data.PreferenceDataError` naming the row (the line, for a ``.jsonl`` file of prompts).
+    """
+    from treg.data import PreferenceDataError
+
     if spec == "treg:toy":
         from treg.synthetic import task_prompts
 
         return task_prompts(num_prompts or 64, seed)
+    dropped = 0
     if spec.endswith(".jsonl") and os.path.isfile(spec):
+        from treg.data import prompt_problem
+
         prompts = []
         with open(spec, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if "prompt" not in row:
-                        raise ValueError(f"{spec}:{n}: no 'prompt' field.")
+                if not line.strip() or (num_prompts and len(prompts) >= num_prompts):
+                    continue
+                row = json.loads(line)
+                problem = prompt_problem(row.get("prompt")) if "prompt" in row else "no 'prompt' field"
+                if problem is None:
                     prompts.append(row["prompt"])
+                elif drop_invalid:
+                    dropped += 1
+                else:
+                    raise PreferenceDataError(f"{spec}:{n}, field 'prompt': {problem}. {_DROP_HINT}.")
     else:
         from treg.data import load_preference_dataset
 
-        prompts = list(load_preference_dataset(spec, split=split)["prompt"])
+        loaded: dict = {}
+        try:
+            dataset = load_preference_dataset(spec, split=split, drop_invalid=drop_invalid, counts=loaded,
+                                              max_rows=None if drop_invalid else num_prompts)
+        except PreferenceDataError as e:
+            raise PreferenceDataError(f"{spec}: {e} ({_DROP_HINT})") from e
+        prompts, dropped = list(dataset["prompt"]), loaded.get("rows_dropped", 0)
+    if counts is not None:
+        counts["invalid_prompts_dropped"] = dropped
     return prompts[:num_prompts] if num_prompts else prompts
 
 
@@ -265,7 +299,7 @@ def make_scorer(spec: str, batch_size: int = 16):
                                  AutoTokenizer.from_pretrained(path), batch_size=batch_size)
     if kind == "direct" and path:
         from treg.feedback.direct import DirectScorer
-        from treg.synthetic import load_causal_lm
+        from treg.models import load_causal_lm
 
         judge, judge_tokenizer = load_causal_lm(path)
         return DirectScorer(judge, judge_tokenizer, batch_size=batch_size)
@@ -298,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=5)
     p.add_argument("--num-prompts", type=int, default=None, help="first N prompts (treg:toy: how many; default 64)")
     p.add_argument("--split", default="train")
+    p.add_argument("--drop-invalid-rows", action="store_true",
+                   help="drop bad prompt rows (counted in the output) instead of failing on the first")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 24 for treg:toy, else 256")
     p.add_argument("--seed", type=int, default=0)
@@ -311,14 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prompts = load_prompts(args.prompts, args.num_prompts, args.split, args.seed)
+    counts: dict = {}
+    prompts = load_prompts(args.prompts, args.num_prompts, args.split, args.seed,
+                           drop_invalid=args.drop_invalid_rows, counts=counts)
     scorer = make_scorer(args.scorer, args.scorer_batch_size)
     if args.backend == "vllm":
         from transformers import AutoTokenizer
 
         model, tokenizer = args.model, AutoTokenizer.from_pretrained(args.model)
     else:
-        from treg.synthetic import load_causal_lm
+        from treg.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(args.model)
     max_new = args.max_new_tokens or (24 if args.prompts == "treg:toy" else 256)
@@ -328,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
     )
     save_atomically(dataset, args.out, overwrite=args.overwrite)
-    print(json.dumps({**stats, "out": os.path.abspath(args.out)}))
+    print(json.dumps({**stats, **counts, "out": os.path.abspath(args.out)}))
     return 0
 
 

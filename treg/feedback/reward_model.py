@@ -31,6 +31,12 @@ import torch.nn.functional as F
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from treg.files import UserError
+
+
+class LabelDataError(UserError):
+    """A labeled dataset that cannot be used to train the reward model; the message names the path, row or column."""
+
 LABEL_COLUMN = "ai_preference"
 
 
@@ -137,6 +143,11 @@ def load_label_dataset(path: str, label_column: str = LABEL_COLUMN):
 
     import datasets
 
+    if not os.path.exists(path):
+        raise LabelDataError(
+            f"labeled dataset {path!r} not found; pass the folder `treg label` wrote (its output_dir/<name>/labeled, "
+            "e.g. treg-labels/hh-harmless-tiny/labeled) or a .jsonl/.json/.parquet file."
+        )
     if os.path.isdir(path):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
@@ -144,17 +155,17 @@ def load_label_dataset(path: str, label_column: str = LABEL_COLUMN):
     else:
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(path)[1])
         if kind is None:
-            raise ValueError(f"{path}: expected a save_to_disk folder or a .jsonl/.json/.parquet file.")
+            raise LabelDataError(f"{path}: expected a save_to_disk folder or a .jsonl/.json/.parquet file.")
         ds = datasets.load_dataset(kind, data_files=path, split="train")
     if {"response_1", "response_2"} <= set(ds.column_names):
         ds = ds.remove_columns([c for c in ("chosen", "rejected") if c in ds.column_names])
         ds = ds.rename_columns({"response_1": "chosen", "response_2": "rejected"})
     missing = [c for c in ("prompt", "chosen", "rejected", label_column) if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; have {ds.column_names}.")
+        raise LabelDataError(f"{path}: missing columns {missing}; have {ds.column_names}. Label it with `treg label`.")
     for i, p in enumerate(ds[label_column]):
         if p is None or not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"{path}: row {i}: {label_column}={p!r} is not a probability in [0, 1].")
+            raise LabelDataError(f"{path}: row {i}: {label_column}={p!r} is not a probability in [0, 1].")
     return ds.select_columns(["prompt", "chosen", "rejected", label_column])
 
 

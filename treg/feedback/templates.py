@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["LabelTemplate", "TEMPLATES", "get_template", "format_sample", "format_exemplars"]
+__all__ = ["LabelTemplate", "TEMPLATES", "get_template", "format_sample", "format_exemplars", "sample_pieces"]
 
 
 @dataclass(frozen=True)
@@ -89,14 +89,26 @@ def get_template(task: str | LabelTemplate) -> LabelTemplate:
     return TEMPLATES[task]
 
 
+def sample_pieces(template: LabelTemplate, context: str, response1: str, response2: str) -> list[str]:
+    """The sample block in its seven pieces: context label, context (with the blank line after it), response-1
+    label, response 1, response-2 label, response 2, closing blank line. Joined they are :func:`format_sample`; a
+    labeler tokenizes them as one text (:func:`treg.generation.encode_pieces`) and cuts the context and responses
+    at token boundaries."""
+    t = template
+    return [
+        f"{t.context_label}:\n",
+        f"{context}\n\n",
+        f"{t.response_label} 1:\n",
+        response1,
+        f"\n\n{t.response_label} 2:\n",
+        response2,
+        "\n\n",
+    ]
+
+
 def format_sample(template: LabelTemplate, context: str, response1: str, response2: str) -> str:
     """The sample block (no ending): context, response 1, response 2."""
-    t = template
-    return (
-        f"{t.context_label}:\n{context}\n\n"
-        f"{t.response_label} 1:\n{response1}\n\n"
-        f"{t.response_label} 2:\n{response2}\n\n"
-    )
+    return "".join(sample_pieces(template, context, response1, response2))
 
 
 def format_exemplars(template: LabelTemplate, few_shot: Sequence[Mapping]) -> str:

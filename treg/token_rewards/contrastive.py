@@ -12,9 +12,13 @@ with ``with_reference=False`` (a SimPO base needs no reference log-probs).
 The paper does not publish its prompt wording; the defaults below are ours **(choice)** and a recipe overrides them
 with ``contrastive_positive_template`` / ``contrastive_negative_template`` (each must contain ``{prompt}``). For
 conversational rows the template wraps the content of the last user message and the result is rendered through the
-model's chat template with the generation prompt; for plain-text rows it wraps the prompt text, tokenized as TRL
-tokenizes plain prompts. The response ids are the trainer's own ``chosen_ids`` / ``rejected_ids``, so the three
-passes score identical tokens.
+model's chat template with the generation prompt; for plain-text rows it wraps the prompt text without its trailing
+whitespace, which then follows the wrapped text: TRL joins a plain prompt and its response as they are, so x⁺ ends
+with the same separator as x ("…concise.\n" then the response, not "…concise." glued to it). x⁺ is tokenized as TRL
+tokenizes x. The response ids are the trainer's own ``chosen_ids`` / ``rejected_ids``, so the three passes score
+identical tokens; and where TRL's x lacks the end of x's own tokenization (the response's first token merged with
+it, e.g. Qwen's generation prompt "…assistant\n" before a response starting with "\n" gives one "\n\n" token,
+which TRL counts to the response), that end is left out of x⁺ and x⁻ too (:func:`render_prompt_ids`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from treg.token_rewards import (
     REF_REJECTED,
     REF_REJECTED_SUM,
     REJECTED_REWARDS,
+    TokenRewardError,
     check_token_columns,
     kept_completion_length,
 )
@@ -54,15 +59,72 @@ def check_template(template: str, name: str) -> None:
         raise ValueError(f"{name}: braces other than {{prompt}} must be doubled ({{{{ }}}}); got {template!r}.") from e
 
 
-def render_prompt_ids(tokenizer, prompt, template: str) -> list[int]:
-    """Token ids of ``template`` applied to ``prompt`` (a string, or a list of chat messages)."""
-    if isinstance(prompt, str):
-        return list(tokenizer(text=template.format(prompt=prompt))["input_ids"])
-    messages = [dict(m) for m in prompt]
+def render_prompt_ids(tokenizer, prompt, template: str, prompt_ids=None, *, row: int | str = "?") -> list[int]:
+    """Token ids of ``template`` applied to ``prompt`` (a string, or a list of chat messages), tokenized as TRL
+    tokenizes a prompt: a string's trailing whitespace stays at the end (``template`` wraps the text before it).
+
+    ``prompt_ids``: the trainer's ids of the prompt itself (TRL's ``prompt_ids``). When they lack the end of the
+    prompt's own tokenization (TRL moved it into the response), the same end is left out of the result: cut as
+    tokens when the result ends with them, else as text (the common end of both texts). :class:`TokenRewardError`
+    naming ``row`` when ``prompt_ids`` are not a beginning of the prompt's tokenization.
+    """
+    ids = _render_ids(tokenizer, prompt, template)
+    if prompt_ids is None:
+        return ids
+    prompt_ids = list(prompt_ids)
+    full = _render_ids(tokenizer, prompt, "{prompt}")
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise TokenRewardError(
+            f"row {row}: the trainer's prompt ids are not a beginning of the prompt's own tokenization, so x⁺/x⁻ "
+            "cannot be aligned with it; was the dataset tokenized with another tokenizer or chat template?"
+        )
+    tail = full[len(prompt_ids) :]
+    if not tail:
+        return ids
+    if ids[-len(tail) :] == tail:
+        return ids[: -len(tail)]
+    tail_text = _text_after(tokenizer, prompt_ids, full)
+    text = _render_text(tokenizer, prompt, template)
+    common = 0
+    while common < min(len(text), len(tail_text)) and text[-1 - common] == tail_text[-1 - common]:
+        common += 1
+    return _tokenize_like(tokenizer, prompt, text[: len(text) - common])
+
+
+def _wrapped_messages(messages, template: str) -> list[dict]:
+    """A copy of ``messages`` whose last user message's content is wrapped in ``template``."""
+    messages = [dict(m) for m in messages]
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
     messages[last_user]["content"] = template.format(prompt=messages[last_user]["content"])
+    return messages
+
+
+def _render_text(tokenizer, prompt, template: str) -> str:
+    if isinstance(prompt, str):
+        body = prompt.rstrip()
+        return template.format(prompt=body) + prompt[len(body) :]
+    messages = _wrapped_messages(prompt, template)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _tokenize_like(tokenizer, prompt, text: str) -> list[int]:
+    """``text`` tokenized as TRL tokenizes the prompt it was rendered from: a plain string with the tokenizer's
+    special tokens (e.g. BOS), a chat-template text without (the template writes them)."""
+    return list(tokenizer(text=text, add_special_tokens=isinstance(prompt, str))["input_ids"])
+
+
+def _render_ids(tokenizer, prompt, template: str) -> list[int]:
+    if isinstance(prompt, str):
+        return _tokenize_like(tokenizer, prompt, _render_text(tokenizer, prompt, template))
+    messages = _wrapped_messages(prompt, template)
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
     return list(out["input_ids"])
+
+
+def _text_after(tokenizer, head: list[int], ids: list[int]) -> str:
+    """The text ``ids`` add after their beginning ``head`` (decoded together, so word-boundary spaces survive)."""
+    whole, start = tokenizer.decode(ids), tokenizer.decode(head)
+    return whole[len(start) :] if whole.startswith(start) else tokenizer.decode(ids[len(head) :])
 
 
 def _settings(
@@ -185,9 +247,9 @@ def attach_contrastive_rewards(
     check_template(negative_template, "contrastive_negative_template")
     positive_ids = negative_ids = None
     if with_rewards:
-        prompts = dataset["prompt"]
-        positive_ids = [render_prompt_ids(tokenizer, p, positive_template) for p in prompts]
-        negative_ids = [render_prompt_ids(tokenizer, p, negative_template) for p in prompts]
+        rows = list(enumerate(zip(dataset["prompt"], dataset["prompt_ids"])))
+        positive_ids = [render_prompt_ids(tokenizer, p, positive_template, ids, row=r) for r, (p, ids) in rows]
+        negative_ids = [render_prompt_ids(tokenizer, p, negative_template, ids, row=r) for r, (p, ids) in rows]
     dtype = model_dtype(model)
     settings = _settings(
         tokenizer, positive_template, negative_template, max_length, with_rewards, model_hash, dtype, with_reference
