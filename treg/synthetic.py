@@ -18,7 +18,6 @@ builds preference pairs from its samples the way the T-REG and SimPO papers do, 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from treg.files import default_cache_dir
+from treg.files import default_cache_dir, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -309,14 +308,9 @@ def load_tiny_model(
     path = os.path.join(cache_dir or default_cache_dir(), "models", f"tiny-{recipe.key()}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         # Several processes (accelerate launch, bench workers) may ask at once: one builds, the others wait for it.
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if not os.path.isfile(os.path.join(path, "config.json")):
-                    _build_tiny_model(recipe, path, show_progress)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with file_lock(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                _build_tiny_model(recipe, path, show_progress)
     model = LlamaForCausalLM.from_pretrained(path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     return model, tokenizer, path
