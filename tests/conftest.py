@@ -1,10 +1,12 @@
 import os
+import shutil
 import tempfile
 
 # Offline, quiet, and a cache of our own so tests never touch ~/.cache/treg or the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+_OWN_CACHE = "TREG_CACHE_DIR" not in os.environ
 os.environ.setdefault("TREG_CACHE_DIR", tempfile.mkdtemp(prefix="treg-test-cache-"))
 
 import pytest  # noqa: E402
@@ -21,3 +23,9 @@ def tiny():
 
     model, tokenizer, path = load_tiny_model(show_progress=False)
     return model, tokenizer, path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's own cache (tiny model, converted SmolLM2: ~0.6 GB) unless the caller chose the folder."""
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["TREG_CACHE_DIR"], ignore_errors=True)
