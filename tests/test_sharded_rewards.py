@@ -79,6 +79,11 @@ class Stop(Exception):
     pass
 
 
+def with_checksums(*shards):
+    """A shards folder's listing: each finished shard with its sidecar checksum."""
+    return sorted(list(shards) + [s + ".sha256" for s in shards])
+
+
 def test_shard_ranges():
     assert token_cache.shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert token_cache.shard_ranges(0, 4) == []
@@ -106,7 +111,7 @@ def test_two_simulated_processes_gather_into_the_single_process_entry(tmp_path):
             **kw,
         )
     shards = sorted(os.listdir(tmp_path / "a" / "token_rewards" / "e.shards"))
-    assert shards == ["rows-00000003-00000006.parquet", "rows-00000009-00000010.parquet"]  # shards 1 and 3 of 4
+    assert shards == with_checksums("rows-00000003-00000006.parquet", "rows-00000009-00000010.parquet")  # 1, 3 of 4
     two = token_cache.sharded_load_or_compute(
         fake_rows, 10, cache_dir=str(tmp_path / "a"), entry="e", process_index=0, num_processes=2, **kw
     )
@@ -127,7 +132,8 @@ def test_resume_skips_finished_shards(tmp_path):
 
     with pytest.raises(RuntimeError, match="killed"):
         token_cache.sharded_load_or_compute(crashing, 10, cache_dir=str(tmp_path), entry="e", what="t", shard_size=3)
-    assert len(os.listdir(tmp_path / "token_rewards" / "e.shards")) == 2  # the crashed shard left no file
+    shards = sorted(os.listdir(tmp_path / "token_rewards" / "e.shards"))
+    assert shards == with_checksums("rows-00000000-00000003.parquet", "rows-00000003-00000006.parquet")  # no 3rd
     calls.clear()
     out = token_cache.sharded_load_or_compute(crashing, 10, cache_dir=str(tmp_path), entry="e", what="t", shard_size=3)
     assert calls == [6, 9] and out["values"] == fake_rows(0, 10)["values"]
@@ -182,7 +188,7 @@ def test_trainer_pass_resumes_after_a_crash_and_equals_the_uninterrupted_pass(ti
     with pytest.raises(Stop):
         run_pass(tiny, root, tmp_path)
     (shards,) = [p for p in (Path(root) / "token_rewards").iterdir() if p.name.endswith(".shards")]
-    assert [p.name for p in shards.iterdir()] == ["rows-00000000-00000008.parquet"]
+    assert sorted(p.name for p in shards.iterdir()) == with_checksums("rows-00000000-00000008.parquet")
     calls.clear()
     resumed = run_pass(tiny, root, tmp_path)
     assert calls == [SHARD] * (N_PAIRS // SHARD - 1)  # shard 0 was not recomputed

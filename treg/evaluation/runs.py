@@ -29,19 +29,47 @@ def cached_answers(
     model, tokenizer, instructions: list[str], out_dir: str, gen: dict, show_progress: bool = True
 ) -> list[str]:
     """Answers to ``instructions``; reused from ``<out_dir>/.answers-<key>.json`` when the model weights, prompts and
-    generation settings are the same (written atomically)."""
-    from treg.files import write_text_atomic
+    generation settings are the same. Written atomically with a sidecar checksum (``.sha256``) and verified on
+    read: a corrupt file (checksum mismatch, truncated or unreadable JSON, wrong length) is moved aside with a
+    warning and the answers generated again (a file from before checksums only has to parse). Two runs wanting the
+    same answers at once generate them once: the second waits on the file's lock, then reads them."""
+    from treg.files import file_lock, write_text_atomic
 
     key = hashlib.sha256(
         json.dumps({"model": _model_hash(model), "instructions": instructions, "gen": gen}, sort_keys=True).encode()
     ).hexdigest()[:16]
     path = os.path.join(out_dir, f".answers-{key}.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            logger.info("answers loaded from %s", path)
-            return json.load(f)
-    answers = generate_answers(model, tokenizer, instructions, show_progress=show_progress, **gen)
-    write_text_atomic(path, json.dumps(answers))
+    answers = _load_answers(path, len(instructions), discard=False)
+    if answers is None:
+        with file_lock(path, remove=True):
+            answers = _load_answers(path, len(instructions), discard=True)
+            if answers is None:
+                answers = generate_answers(model, tokenizer, instructions, show_progress=show_progress, **gen)
+                write_text_atomic(path, json.dumps(answers), checksum=True)
+    return answers
+
+
+def _load_answers(path: str, n: int, *, discard: bool) -> list[str] | None:
+    """The ``n`` cached answers at ``path``, or None when absent or corrupt (moved aside when ``discard``; the
+    caller holds the file's lock then)."""
+    from treg.files import CorruptCacheError, move_aside, verify_file_checksum
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        verify_file_checksum(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                answers = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise CorruptCacheError(path, f"unreadable JSON ({e})") from e
+        if not (isinstance(answers, list) and len(answers) == n and all(isinstance(a, str) for a in answers)):
+            raise CorruptCacheError(path, f"not a JSON list of {n} answers")
+    except CorruptCacheError as e:
+        if discard:
+            move_aside(path, e.reason, what="eval answers cache")
+        return None
+    logger.info("answers loaded from %s", path)
     return answers
 
 
