@@ -354,3 +354,24 @@ def test_a_legacy_eval_answers_file_still_loads(answers_cache):
     os.remove(str(path) + files.SIDECAR)
     assert answer() == ["answer to q1", "answer to q2", "answer to q3"] and generated == [3]
     assert sorted(p.name for p in out.iterdir()) == [path.name]  # no lock file left, nothing moved aside
+
+
+def test_a_damaged_tiny_model_is_moved_aside_and_rebuilt(tmp_path, caplog):
+    """F3e: a truncated model.safetensors in the cached tiny model was a raw SafetensorError on every run. The
+    folder now carries checksums: the damaged copy is moved aside with a warning naming it, and the model rebuilt."""
+    import logging
+
+    from treg.synthetic import TinyModelRecipe, load_tiny_model
+
+    recipe = TinyModelRecipe(pretrain_steps=2, sft_steps=2, batch_size=2)  # a cheap build; the path is what matters
+    _, _, path = load_tiny_model(recipe, cache_dir=str(tmp_path), show_progress=False)
+    weights = os.path.join(path, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with caplog.at_level(logging.WARNING):
+        model, _, again = load_tiny_model(recipe, cache_dir=str(tmp_path), show_progress=False)
+    assert again == path and os.path.getsize(weights) > 0
+    assert any("tiny model" in r.getMessage() and path in r.getMessage() for r in caplog.records), caplog.text
+    moved = [p for p in os.listdir(os.path.dirname(path)) if ".corrupt-" in p]
+    assert len(moved) == 1, moved
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -258,6 +258,28 @@ def verify_checksums(folder: str, required: tuple[str, ...] = ()) -> bool:
     return True
 
 
+def usable_dir(path: str, *, what: str, required: tuple[str, ...] = ("config.json",), locked: bool = False) -> bool:
+    """Whether the cached folder ``path`` (a built or converted model) is complete and unchanged: True when it verifies
+    against its ``checksums.json``, or is a legacy folder (no manifest) holding the ``required`` files; False when it
+    is absent. A corrupt folder is moved aside with a warning naming it (under :func:`file_lock`, unless the caller
+    already holds it: ``locked``), and False returned, so the caller builds it again."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        verify_checksums(path, required=required)
+        return True
+    except CorruptCacheError:
+        pass
+    with file_lock(path) if not locked else contextlib.nullcontext():
+        try:  # again under the lock: another process may have rebuilt it meanwhile
+            verify_checksums(path, required=required)
+            return True
+        except CorruptCacheError as e:
+            if os.path.isdir(path):
+                move_aside(path, e.reason, what=what)
+    return False
+
+
 def write_file_checksum(path: str, digest: str | None = None) -> None:
     """Write the sidecar ``path + ".sha256"`` (``sha256sum`` format) for ``path``'s bytes, or for ``digest``."""
     digest = digest or sha256_file(path)

@@ -267,7 +267,7 @@ def resolve_model_spec(spec: str, *, show_progress: bool = True) -> str:
         folder = gguf_folder(path)
         if not _is_converted(folder):
             with _file_lock(folder):
-                if not _is_converted(folder):
+                if not _is_converted(folder, locked=True):
                     convert_gguf(path, folder, show_progress=show_progress)
         return folder
     return spec
@@ -291,8 +291,11 @@ def smollm2_folder() -> str:
     return os.path.join(default_cache_dir(), "models", f"smollm2-135m-instruct-{SMOLLM2_GGUF_SHA256[:12]}")
 
 
-def _is_converted(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, "config.json"))
+def _is_converted(folder: str, locked: bool = False) -> bool:
+    """A converted folder that verifies against its checksums (a corrupt one is moved aside: convert again)."""
+    from treg.files import usable_dir
+
+    return usable_dir(folder, what="converted model", locked=locked)
 
 
 def _file_lock(path: str):
@@ -340,7 +343,7 @@ def _resolve_smollm2(show_progress: bool) -> str:
             hub_error = f"the hub did not answer ({type(e).__name__}: {e})"
             _say(f"{SMOLLM2_HUB_ID}: {hub_error}; using the GGUF file of {SMOLLM2_REQUIREMENT} instead", show_progress)
     with _file_lock(folder):
-        if not _is_converted(folder):
+        if not _is_converted(folder, locked=True):
             _require_gguf()
             gguf_path, origin = _smollm2_gguf(show_progress, hub_error)
             try:
@@ -574,7 +577,7 @@ def convert_gguf(
         info.update(transformers=transformers.__version__, gguf=getattr(gguf, "__version__", None) or _version("gguf"))
         write_json_atomic(os.path.join(tmp, "treg-source.json"), info, indent=2)
 
-    write_dir_atomic(folder, write)
+    write_dir_atomic(folder, write, checksum=True)
     _say(f"converted in {time.perf_counter() - started:.0f} s: {folder}", show_progress)
     return folder
 

@@ -23,8 +23,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,7 +30,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from treg.files import default_cache_dir, file_lock
+from treg.files import default_cache_dir, file_lock, usable_dir, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -306,10 +304,10 @@ def load_tiny_model(
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, str]:
     """Build (or load from the cache) the tiny SFT model and its tokenizer. Returns (model, tokenizer, path)."""
     path = os.path.join(cache_dir or default_cache_dir(), "models", f"tiny-{recipe.key()}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not usable_dir(path, what="tiny model"):  # a corrupt copy is moved aside (with a warning) and rebuilt
         # Several processes (accelerate launch, bench workers) may ask at once: one builds, the others wait for it.
         with file_lock(path):
-            if not os.path.isfile(os.path.join(path, "config.json")):
+            if not usable_dir(path, what="tiny model", locked=True):
                 _build_tiny_model(recipe, path, show_progress)
     model = LlamaForCausalLM.from_pretrained(path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
@@ -317,21 +315,19 @@ def load_tiny_model(
 
 
 def _build_tiny_model(recipe: TinyModelRecipe, path: str, show_progress: bool) -> None:
-    """Pretrain and instruction-tune the tiny model, then save it to ``path`` atomically (temp folder + rename)."""
+    """Pretrain and instruction-tune the tiny model, then save it to ``path`` atomically (temp folder + rename), with
+    a checksum of every file so a damaged copy is detected on load."""
     tokenizer = build_tokenizer()
     model = new_tiny_model(
         len(tokenizer), recipe, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
     )
     sft_tiny_model(model, tokenizer, recipe, show_progress=show_progress)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
+
+    def write(tmp: str) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if not os.path.isdir(path):
-            os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomic(path, write, checksum=True)
     logger.info("tiny model built and cached at %s", path)
 
 
