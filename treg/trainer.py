@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import pad
+from trl.trainer.utils import pad, use_adapter
 
 from treg.data import validate_preference_rows
 from treg.losses import BASE_LOSSES, DPO_VARIANTS, treg_loss
@@ -81,9 +82,7 @@ class TRegConfig(DPOConfig):
     )
     token_reward_cache_dir: str | None = _arg(None, "Cache root for token rewards; 'none' disables caching.")
     token_reward_batch_size: int = _arg(8, "Rows per forward in the token-reward pass.")
-    token_reward_shard_size: int = _arg(
-        512, "Rows per shard of the token-reward pass (spread over processes, resumable)."
-    )
+    token_reward_shard_size: int = _arg(512, "Rows per shard of the token-reward pass (over processes, resumable).")
     token_reward_backend: str = _arg("auto", "Scoring backend of the token-reward pass.", choices=list(BACKENDS))
     token_reward_vllm_gpu_memory: float = _arg(0.5, "vLLM backend: fraction of GPU memory its engine may use.")
     critic_model: str | None = _arg(None, "critic: path/hub id of the critic LM, treg:tiny, or rule:toy.")
@@ -102,9 +101,7 @@ class TRegConfig(DPOConfig):
     # evaluation hooks (treg.evaluation.callback.EvalHookCallback; docs/evaluation.md)
     eval_hooks: list[str] | None = _arg(None, "Benchmarks to run during/after training: alpaca_eval, arena_hard.")
     eval_hook_max_instances: int | None = _arg(32, "Eval hooks: subset size per run.")
-    eval_hook_judge: str | None = _arg(
-        None, "Eval hooks: judge (path, treg:tiny, openai:MODEL@URL); default the policy."
-    )
+    eval_hook_judge: str | None = _arg(None, "Eval hooks: judge (path, treg:tiny, openai:MODEL@URL); default: policy.")
     eval_hook_when: str = _arg("end", "Eval hooks: 'end', 'eval' or a step interval.")
     eval_hook_max_new_tokens: int = _arg(256, "Eval hooks: answer length budget.")
     eval_hook_arena_bench: str = _arg("v0.1", "Eval hooks: Arena-Hard version.")
@@ -181,6 +178,8 @@ class TRegTrainer(DPOTrainer):
             args = TRegConfig(output_dir="treg-output")
         if not isinstance(args, TRegConfig):
             raise TypeError(f"args must be a TRegConfig, got {type(args).__name__}.")
+        if kwargs.get("peft_config") is not None and isinstance(model, torch.nn.Module):  # TRL wraps it in a PeftModel:
+            self._full_weights_hash = weights_hash(model)  # the reference is this base model, hashed before wrapping
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator, **kwargs)
         if data_collator is None:
             self.data_collator = DataCollatorForTReg(
@@ -217,12 +216,16 @@ class TRegTrainer(DPOTrainer):
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """The token-reward pass (:func:`~treg.token_rewards.precompute.attach_token_columns`) instead of TRL's sums:
-        per-token reference log-probs (DPO, or for DPO-derived r̂) and r̂ (α ≠ 0), sharded, cached and resumable."""
+        per-token reference log-probs (DPO, or for DPO-derived r̂) and r̂ (α ≠ 0), sharded, cached and resumable.
+        Under PEFT the reference is TRL's: the model's "ref" adapter if it has one, else the base (adapters off)."""
         zero_engine = self._zero_engine if self.ref_model is None else None
+        peft = self.model if self.ref_model is None and is_peft_model(self.model) else None
+        adapter = "ref" if peft is not None and "ref" in peft.peft_config else None  # None: all adapters off
         return attach_token_columns(
             dataset, self.model, self._tokenizer, PassSettings.from_config(self.args),
             Distributed.from_accelerator(self.accelerator, zero_engine), ref_model=self.ref_model,
             model_hash=self._reference_hash, name=name,
+            reference_context=(lambda: use_adapter(peft, adapter)) if peft is not None else None,
         )
 
     def _reference_hash(self) -> str:

@@ -254,6 +254,7 @@ class PassRun:
     reference: Any  # the reference model (``model`` unless a separate one is kept)
     tokenizer: Any
     model_hash: str
+    reference_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     scorers: dict[str, Any] = field(default_factory=dict)
 
 
@@ -268,6 +269,7 @@ def attach_token_columns(
     ref_model=None,
     model_hash: str | Callable[[], str] | None = None,
     name: str = "train",
+    reference_context: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> Dataset:
     """``dataset`` with the per-token columns it still needs (see the module docstring), cached and resumable.
 
@@ -282,6 +284,8 @@ def attach_token_columns(
         model_hash: the reference weights' :func:`treg.models.weights_hash`, or a function returning it (called only
             when a pass is needed; under ZeRO-3 it gathers every weight), or None to compute it here.
         name: the split's name, for log lines and errors.
+        reference_context: a context factory every reference forward runs inside, e.g. a PEFT model's
+            ``disable_adapter`` (its reference is the base model); ``model_hash`` then hashes those weights.
     """
     dist = dist or Distributed()
     plan = PassPlan.for_dataset(settings, dataset.column_names)
@@ -293,7 +297,8 @@ def attach_token_columns(
         model_hash = weights_hash(reference)
     elif callable(model_hash):
         model_hash = model_hash()
-    run = PassRun(plan, settings, dist, model, reference, tokenizer, model_hash)
+    run = PassRun(plan, settings, dist, model, reference, tokenizer, model_hash,
+                  reference_context or contextlib.nullcontext)
 
     def finish() -> None:
         if isinstance(run.scorers.get("ref"), LockstepModel):
@@ -379,20 +384,21 @@ def score_rows(rows: Dataset, run: PassRun) -> dict[str, list]:
     s, plan, scorers = run.settings, run.plan, run.scorers
     out = rows
     if plan.run_reference:
-        out = attach_contrastive_rewards(
-            out,
-            scorers["ref"],
-            run.tokenizer,
-            model_hash=run.model_hash,
-            max_length=s.max_length,
-            with_rewards=plan.source == "contrastive",
-            with_reference=plan.with_reference,
-            positive_template=s.contrastive_positive_template,
-            negative_template=s.contrastive_negative_template,
-            cache_dir="none",
-            batch_size=s.token_reward_batch_size,
-            show_progress=False,
-        )
+        with run.reference_context():  # e.g. a PEFT model with its adapters off: the base model
+            out = attach_contrastive_rewards(
+                out,
+                scorers["ref"],
+                run.tokenizer,
+                model_hash=run.model_hash,
+                max_length=s.max_length,
+                with_rewards=plan.source == "contrastive",
+                with_reference=plan.with_reference,
+                positive_template=s.contrastive_positive_template,
+                negative_template=s.contrastive_negative_template,
+                cache_dir="none",
+                batch_size=s.token_reward_batch_size,
+                show_progress=False,
+            )
     if plan.source == "dpo_derived":
         out = attach_dpo_derived_rewards(out, scorers["dpo"], run.tokenizer, max_length=s.max_length,
                                          scale=s.token_reward_scale, batch_size=s.token_reward_batch_size,
