@@ -125,6 +125,7 @@ def assert_same_training(run: dict, reference: dict, init: dict) -> None:
     assert update.norm() > 1e-2, "the reference run did not train, so the comparison means nothing"
     relative = (delta.norm() / update.norm()).item()
     worst = delta.abs().max().item()
+    print(f"same training: relative update difference {relative:.2e}, max element difference {worst:.2e}")
     assert relative <= 1e-3, f"the updates differ: relative difference {relative:.2e} > 1e-3 (max element {worst:.2e})"
     assert worst <= 0.1 * LEARNING_RATE, f"an element differs by {worst:.2e} > 0.1·lr = {0.1 * LEARNING_RATE:.0e}"
 
