@@ -15,8 +15,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import transformers  # noqa: F401  (imported at collection: see below)
 
 from treg.cli import main
+
+# transformers binds its log handler to sys.stderr when first imported; imported inside a test that captures stderr
+# (capsys), the handler would write to that test's closed stream ever after, and a later transformers warning (e.g.
+# #106's load report) would print "--- Logging error --- Traceback ..." into the next test's stderr.
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes/tiny/treg-dpo.yaml")
@@ -120,6 +125,14 @@ def _train(audit, name, *extra):
     return ["train", "--config", TINY, "--dataset_name", dataset.removeprefix("hub:"), "--max_steps", "1",
             "--eval_strategy", "no", "--dataset_test_split=", "--output_dir", str(audit / "runs" / name),
             "--disable_tqdm", "true", *extra]
+
+
+def _pairs(audit, *flags):
+    """``treg pairs`` on the toy prompts with the oracle scorer; ``flags`` override those settings."""
+    settings = {"--model": "treg:tiny", "--prompts": "treg:toy", "--num-prompts": "4", "--scorer": "oracle",
+                "--num-samples": "2", "--out": str(audit / "runs" / "pairs")}
+    settings.update(zip(flags[::2], flags[1::2]))
+    return ["pairs", *(x for kv in settings.items() for x in kv), "--no-progress"]
 
 
 def clear(argv, capsys, *names):
@@ -340,8 +353,15 @@ CLEAR_CASES = {
     "94-label-unknown-key": (lambda a: ["label", "--config", str(a / "label_bad_key.yaml")], ("max_rowz", "max_rows")),
     "95-label-max-rows-not-int": (lambda a: ["label", "--model_name_or_path", "treg:tiny", "--dataset", "x.jsonl",
                                              "--max_rows", "abc"], ("max_rows",)),
+    "96-label-unknown-task": (lambda a: ["label", "--model_name_or_path", "treg:tiny", "--dataset", "x.jsonl",
+                                         "--task", "poetry"], ("task", "'poetry'", "helpfulness")),
     "97-label-dataset-missing": (lambda a: ["label", "--model_name_or_path", "treg:tiny", "--dataset",
                                             str(a / "nope.jsonl"), "--output_dir", str(a / "r97")], ("nope.jsonl",)),
+    "100-pairs-unknown-scorer": (lambda a: _pairs(a, "--scorer", "bogus"), ("--scorer", "'bogus'")),
+    "101-pairs-prompts-without-prompt-field": (lambda a: _pairs(a, "--prompts", str(a / "no_prompt.jsonl")),
+                                               ("no_prompt.jsonl:1", "no 'prompt' field")),
+    "102-pairs-one-sample": (lambda a: _pairs(a, "--num-samples", "1"), ("--num-samples", "got 1")),
+    "103-pairs-out-exists": (lambda a: _pairs(a, "--out", str(a / "emptydir")), ("emptydir", "--overwrite")),
     "108-rl-unknown-recipe-key": (lambda a: ["rl", "--config", str(a / "rl_bad_key.yaml")], ("critic_alpah_in",)),
     "110-viz-unsupported-extension": (lambda a: ["viz", "--checkpoint", "treg:tiny", "--dataset", "treg:toy", "--out",
                                                  str(a / "x.pdf")], ("unsupported extension '.pdf'",)),
@@ -349,7 +369,9 @@ CLEAR_CASES = {
 
 
 @pytest.mark.parametrize("case", CLEAR_CASES)
-def test_clear_cases_stay_clear(case, audit, capsys):
+def test_clear_cases_stay_clear(case, audit, capsys, monkeypatch):
+    if case.startswith(("96-", "100-", "101-", "102-", "103-")):  # settings and inputs checked before any model loads
+        monkeypatch.setattr("treg.models.load_causal_lm", lambda *_, **__: pytest.fail("model loaded"))
     argv, names = CLEAR_CASES[case]
     clear(argv(audit), capsys, *names)
 
@@ -381,14 +403,15 @@ def test_every_treg_error_class_is_a_user_error():
     from treg.evaluation.data import DataNotFound
     from treg.evaluation.judges import JudgeError
     from treg.feedback.labels import LabelError
+    from treg.feedback.onpolicy import PairsError
     from treg.files import UserError
     from treg.models import ModelSpecError
     from treg.recipes import RecipeError
     from treg.token_rewards import TokenRewardError
     from treg.viz import VizError
 
-    for cls in (PreferenceDataError, ArenaHardError, DataNotFound, JudgeError, LabelError, ModelSpecError, RecipeError,
-                TokenRewardError, VizError):
+    for cls in (PreferenceDataError, ArenaHardError, DataNotFound, JudgeError, LabelError, ModelSpecError, PairsError,
+                RecipeError, TokenRewardError, VizError):
         assert issubclass(cls, UserError), cls
     assert issubclass(DataNotFound, FileNotFoundError)  # callers that catch FileNotFoundError still do
 

@@ -298,3 +298,89 @@ def test_rule_critic_spans_never_cross_lines():
     for separator in ("\u2028", "\x1c", "\x85"):  # str.splitlines breaks there too
         (answer,) = RuleCritic()([build_critic_prompt("copy: 1 2 3 4", f"1 2{separator}3 5", few_shot=())])
         assert parse_critic_output(answer)[1] == 0, separator
+
+
+# ------------------------------------------------------------------------- real-tokenizer behaviours (issue 13)
+def _token_ranges(tokenizer, ids):
+    """Each completion token's character range in the completion text, from its SentencePiece piece ("▁" is a
+    space; special tokens are empty): independent of the decoding the critic mapping uses."""
+    ranges, pos = [], 0
+    for piece in tokenizer.convert_ids_to_tokens(ids):
+        n = 0 if piece in tokenizer.all_special_tokens else len(piece)
+        ranges.append((pos, pos + n))
+        pos += n
+    return ranges
+
+
+def test_d10_critic_rewards_on_plain_text_rows_with_a_sentencepiece_tokenizer(tmp_path):
+    """Plain-string rows: TRL tokenizes prompt + response together, so a Llama-2/Mistral-style tokenizer gives
+    "0 ▁0 …" in context but "▁0 ▁0 …" alone; the critic's spans were looked up as the ids of the response tokenized
+    alone and row 0 failed. Spans are now placed on the trainer's own completion ids."""
+    from test_generate import random_model, sentencepiece_tokenizer
+
+    sp = sentencepiece_tokenizer()
+    data = make_pairs(6, seed=5, conversational=False)
+    assert sp(data[0]["rejected"], add_special_tokens=False)["input_ids"][0] not in [
+        sp(data[0]["prompt"] + data[0]["rejected"])["input_ids"][len(sp(data[0]["prompt"])["input_ids"])]
+    ]  # the premise: the response alone starts with another token than in context
+    trainer = TRegTrainer(
+        random_model(len(sp)), args=_config(tmp_path), train_dataset=data, processing_class=sp
+    )
+    ds = trainer.train_dataset
+    for r in range(len(ds)):
+        row = ds[r]
+        for side in ("chosen", "rejected"):
+            ids, values = row[f"{side}_ids"], row[f"{side}_token_rewards"]
+            text = row[side][: -len(sp.eos_token)]  # TRL appended the EOS text
+            assert sp.decode(ids, skip_special_tokens=True) == text and len(values) == len(ids)
+            words, pos = [], 0
+            for w in text.split():
+                pos = text.index(w, pos)
+                words.append((pos, pos + len(w)))
+                pos += len(w)
+            flags = row[f"{side}_defects"] if side == "rejected" else [False] * len(words)
+            runs = []  # the rule critic names each run of defect (or correct) words as one span
+            for (s, e), f in zip(words, flags):
+                if runs and runs[-1][2] == f:
+                    runs[-1][1] = e
+                else:
+                    runs.append([s, e, f])
+            for (a, b), v in zip(_token_ranges(sp, ids), values):
+                bad = any(a < e and s < b for s, e, f in runs if f)
+                good = any(a < e and s < b for s, e, f in runs if not f)
+                assert v == (-0.25 if bad else 0.25 if good else 0.0), (r, side, sp.convert_ids_to_tokens(ids))
+            assert values[-1] == 0.0  # end of turn
+    assert any(v < 0 for row in ds[REJECTED_REWARDS] for v in row)
+
+
+def test_d10_spans_on_a_response_whose_leading_space_the_tokenizer_drops():
+    """A fake critic's fixed spans on " the best answer" after "Context:": in context the response is
+    ``▁the ▁best ▁answer`` and decodes to "the best answer" (the decoder drops the first token's space)."""
+    from test_generate import sentencepiece_tokenizer
+
+    sp = sentencepiece_tokenizer()
+    prompt, response = "Context:", " the best answer"
+    prompt_ids = sp(prompt)["input_ids"]
+    ids = sp(prompt + response)["input_ids"][len(prompt_ids) :] + [sp.eos_token_id]
+    assert sp.convert_ids_to_tokens(ids) == ["▁the", "▁best", "▁answer", "</s>"]
+    values, stats = map_spans_to_tokens(sp, response, ids, [Span(GOOD, "the best"), Span(BAD, "answer")], 0.1, -0.2)
+    assert values == [0.1, 0.1, -0.2, 0.0] and stats["found"] == 2 and stats["missing"] == 0
+    # the end of a prompt merged into the first completion token: the span marks that token, nothing else moves
+    values, _ = map_spans_to_tokens(sp, "answer", [sp.convert_tokens_to_ids("▁answer"), sp.eos_token_id],
+                                    [Span(BAD, "answer")])
+    assert values == [-0.25, 0.0]
+    with pytest.raises(TokenRewardError, match="row 3.*does not hold the response"):
+        map_spans_to_tokens(sp, "the worst answer", ids, [Span(BAD, "answer")], row="3")
+    # no byte fallback: each run of characters the tokenizer does not know is one <unk>, which decodes to nothing;
+    # the response is aligned with the decoded ids and the <unk> covers the characters it stands for
+    prompt, response = "Human: hi\n\nAssistant:", " It is 4. Ça va? 😀 Sure"
+    ids = sp(prompt + response)["input_ids"][len(sp(prompt)["input_ids"]) :] + [sp.eos_token_id]
+    pieces = sp.convert_ids_to_tokens(ids)
+    assert pieces.count("<unk>") == 2
+    values, stats = map_spans_to_tokens(sp, response, ids, [Span(BAD, "Ça"), Span(GOOD, "😀"), Span(BAD, "4")], 0.1,
+                                        -0.2)
+    assert [(p, v) for p, v in zip(pieces, values) if v] == [("▁4", -0.2), ("<unk>", -0.2), ("a", -0.2), ("<unk>", 0.1)]
+    assert stats["found"] == 3
+    for other in (" It is 5. Ça va? 😀 Sure", response + " and more"):  # ids that do not spell the response
+        with pytest.raises(TokenRewardError, match="does not hold the response"):
+            map_spans_to_tokens(sp, other, ids, [], row="4")

@@ -8,6 +8,7 @@ import torch
 
 from treg.feedback.direct import (
     DIRECT_ENDING,
+    DIRECT_TEMPLATE,
     candidate_ids,
     direct_score_details,
     direct_scores,
@@ -123,3 +124,23 @@ def test_random_llama_batching_invariant(tok):
     batched = direct_scores(model, tok, prompts, responses, batch_size=3, show_progress=False)
     assert batched == pytest.approx(one, abs=1e-4)
     assert all(-1 <= s <= 1 for s in batched)
+
+
+def test_judge_context_tokenizes_the_ending_in_context(tok):
+    """The ending after the chat template is tokenized as part of the joined text (as D5/D6): a Llama-2/Mistral-style
+    tokenizer reads "Score:" alone as "▁Score:", a space the judge prompt does not have."""
+    from test_generate import sentencepiece_tokenizer
+
+    prompt, response = [{"role": "user", "content": "sort: 3 1 2"}], "1 2 3"
+    question = [{"role": "user", "content": DIRECT_TEMPLATE.format(prompt="sort: 3 1 2", response=response)}]
+    sp = sentencepiece_tokenizer()
+    ctx = judge_context(sp, prompt, response)
+    rendered = sp.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    assert ctx == sp(rendered + DIRECT_ENDING, add_special_tokens=False)["input_ids"]
+    assert sp.decode(ctx).endswith("[/INST]" + DIRECT_ENDING) and ctx.count(sp.bos_token_id) == 1
+    lone = sp(DIRECT_ENDING, add_special_tokens=False)["input_ids"]
+    assert sp.convert_ids_to_tokens(lone)[0].startswith("▁") and ctx[-len(lone) :] != lone  # the old flaw
+    # a tokenizer without a prefix space gets the ids it got before: the chat template's ids, then the ending's
+    head = tok.apply_chat_template(question, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ending = tok(DIRECT_ENDING, add_special_tokens=False)["input_ids"]
+    assert judge_context(tok, prompt, response) == list(head) + ending

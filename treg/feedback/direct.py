@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from treg.generation import encode_pieces
 from treg.scoring import next_token_logprobs, score_completions
 
 DIRECT_TEMPLATE = (
@@ -78,13 +79,17 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def judge_context(tokenizer, prompt, response, template: str = DIRECT_TEMPLATE, ending: str = DIRECT_ENDING):
-    """Token ids of the judge prompt up to and including the ending (chat template used when the tokenizer has one)."""
+    """Token ids of the judge prompt up to and including the ending (chat template used when the tokenizer has one).
+
+    The ending is tokenized as part of the joined text (:func:`treg.generation.encode_pieces`), never alone: a
+    SentencePiece tokenizer (Llama-2, Mistral) would read a lone "Score:" as "▁Score:"."""
     question = template.format(prompt=_text(prompt), response=_text(response))
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
         )
-        return list(rendered["input_ids"]) + _ids(tokenizer, ending)
+        head, tail = encode_pieces(tokenizer, [rendered, ending])
+        return head + tail
     return _ids(tokenizer, question + "\n" + ending)
 
 

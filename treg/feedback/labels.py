@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from treg.feedback.templates import LabelTemplate, get_template, label_prompt_body, sample_pieces
+from treg.feedback.templates import TEMPLATES, LabelTemplate, get_template, label_prompt_body, sample_pieces
 from treg.files import UserError
 from treg.generation import encode_pieces, generate
 
@@ -56,7 +56,20 @@ __all__ = [
 
 
 class LabelError(UserError):
-    """A pair that cannot be labeled (malformed row, non-finite log-probs, label tokens that do not exist)."""
+    """A pair that cannot be labeled (malformed row, non-finite log-probs, label tokens that do not exist), or an
+    unknown labeling task."""
+
+
+def label_task(task) -> str:
+    """The name of a labeling task of :data:`treg.feedback.templates.TEMPLATES`; :class:`LabelError` otherwise (the
+    ``task`` setting of ``treg label`` is read through it, so a typo fails before the model loads)."""
+    if not isinstance(task, str) or task not in TEMPLATES:
+        raise LabelError(f"unknown labeling task {task!r}; choose one of {', '.join(TEMPLATES)}.")
+    return task
+
+
+def _template(task: str | LabelTemplate) -> LabelTemplate:
+    return task if isinstance(task, LabelTemplate) else get_template(label_task(task))
 
 
 # ------------------------------------------------------------------------------------------------- tokens & math
@@ -204,7 +217,7 @@ def label_pairs(
     """
     from treg.scoring import next_token_logprobs
 
-    template = get_template(task)
+    template = _template(task)
     rows = [_check_row(i, r) for i, r in enumerate(rows)]
     if not rows:
         return []
@@ -351,7 +364,7 @@ def label_dataset(
     ties = int(np.sum(p == 0.5))
     biased = [r["position_biased"] for r in records if r["position_biased"] is not None]
     report = {
-        "task": get_template(task).name,
+        "task": _template(task).name,
         "n_pairs": len(records),
         "both_orders": both_orders,
         "chain_of_thought": chain_of_thought,
@@ -426,7 +439,7 @@ LABEL_KEYS = {  # key: (type, default, help)
     "split": (str, "train", "dataset split (folders and hub datasets)"),
     "max_rows": (int, None, "label the first N valid rows"),
     "drop_invalid_rows": (bool, False, "drop malformed rows (logged) instead of failing"),
-    "task": (str, "helpfulness", "summarization, helpfulness or harmlessness"),
+    "task": (label_task, "helpfulness", "summarization, helpfulness or harmlessness"),
     "chain_of_thought": (bool, False, "generate a rationale before reading the label"),
     "both_orders": (bool, True, "score both orders and average (removes position bias)"),
     "batch_size": (int, 8, "sequences per forward"),

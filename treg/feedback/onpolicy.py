@@ -38,9 +38,19 @@ from collections.abc import Callable, Sequence
 import torch
 from datasets import Dataset
 
+from treg.files import UserError
 from treg.generation import fold_system_turns, generate
 
 Scorer = Callable[[object, str], float]
+
+
+class PairsError(UserError):
+    """A bad ``treg pairs`` setting or input (scorer spec, number of samples, output folder, prompts file); the
+    ``treg`` command prints it as one line and exits 2."""
+
+
+class PairsOutputExists(PairsError, FileExistsError):
+    """``--out`` exists and ``--overwrite`` was not given."""
 
 
 # ---------------------------------------------------------------------------------------------------------- scorers
@@ -54,11 +64,11 @@ class RewardModelScorer:
 
     def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None):
         if getattr(model.config, "num_labels", 1) != 1:
-            raise ValueError(f"a reward model needs num_labels=1, got {model.config.num_labels}.")
+            raise PairsError(f"a reward model needs num_labels=1, got {model.config.num_labels}.")
         self.model, self.tokenizer, self.batch_size, self.max_length = model, tokenizer, batch_size, max_length
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
-            raise ValueError("the reward model's tokenizer has neither a pad nor an eos token.")
+            raise PairsError("the reward model's tokenizer has neither a pad nor an eos token.")
         self.pad_token_id = pad
         if getattr(model.config, "pad_token_id", None) is None:  # needed to find the last token of each row
             model.config.pad_token_id = pad
@@ -202,7 +212,7 @@ def build_onpolicy_pairs(
     sampling_s, scoring_s, seconds, pairs_per_s}``. Same model, prompts, seed and batch size give the same pairs.
     """
     if num_samples < 2:
-        raise ValueError(f"num_samples must be ≥ 2 to form a pair, got {num_samples}.")
+        raise PairsError(f"num_samples must be ≥ 2 to form a pair, got {num_samples} (treg pairs --num-samples).")
     start = time.perf_counter()
     samples = sample_responses(
         model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
@@ -258,7 +268,13 @@ def load_prompts(spec: str, num_prompts: int | None, split: str, seed: int, drop
             for n, line in enumerate(f, 1):
                 if not line.strip() or (num_prompts and len(prompts) >= num_prompts):
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PreferenceDataError(f"{spec}:{n}: not JSON ({e.msg}).") from e
+                if not isinstance(row, dict):
+                    raise PreferenceDataError(f"{spec}:{n}: expected a JSON object with a 'prompt' field, got "
+                                              f"{type(row).__name__}.")
                 problem = prompt_problem(row.get("prompt")) if "prompt" in row else "no 'prompt' field"
                 if problem is None:
                     prompts.append(row["prompt"])
@@ -291,26 +307,35 @@ def make_scorer(spec: str, batch_size: int = 16):
             return oracle(text, response)[0]
 
         return oracle_scorer
-    kind, _, path = spec.partition(":")
-    if kind == "rm" and path:
+    kind, _, path = check_scorer_spec(spec)
+    if kind == "rm":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from treg.models import check_model_spec
+
+        check_model_spec(path, f"--scorer {spec!r}")
         return RewardModelScorer(AutoModelForSequenceClassification.from_pretrained(path),
                                  AutoTokenizer.from_pretrained(path), batch_size=batch_size)
-    if kind == "direct" and path:
-        from treg.feedback.direct import DirectScorer
-        from treg.models import load_causal_lm
+    from treg.feedback.direct import DirectScorer
+    from treg.models import load_causal_lm
 
-        judge, judge_tokenizer = load_causal_lm(path)
-        return DirectScorer(judge, judge_tokenizer, batch_size=batch_size)
-    raise ValueError(f"--scorer must be 'oracle', 'rm:PATH' or 'direct:MODEL', got {spec!r}.")
+    judge, judge_tokenizer = load_causal_lm(path)
+    return DirectScorer(judge, judge_tokenizer, batch_size=batch_size)
+
+
+def check_scorer_spec(spec: str) -> tuple[str, str, str]:
+    """``spec.partition(":")`` of a scorer spec :func:`make_scorer` accepts; :class:`PairsError` otherwise."""
+    kind, colon, path = spec.partition(":")
+    if spec != "oracle" and not (kind in ("rm", "direct") and path):
+        raise PairsError(f"--scorer must be 'oracle', 'rm:PATH' or 'direct:MODEL', got {spec!r}.")
+    return kind, colon, path
 
 
 def save_atomically(dataset: Dataset, out: str, overwrite: bool = False) -> None:
     """``save_to_disk`` into a temporary folder next to ``out``, then rename it into place."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it.")
+        raise PairsOutputExists(f"--out {out} exists; pass --overwrite to replace it.")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-pairs-", dir=parent)
@@ -347,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # settings first: each of these would otherwise fail only after the model is loaded (or, --out, after sampling)
+    if args.num_samples < 2:
+        raise PairsError(f"--num-samples must be ≥ 2 to form a pair, got {args.num_samples}.")
+    check_scorer_spec(args.scorer)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise PairsOutputExists(f"--out {os.path.abspath(args.out)} exists; pass --overwrite to replace it.")
     counts: dict = {}
     prompts = load_prompts(args.prompts, args.num_prompts, args.split, args.seed,
                            drop_invalid=args.drop_invalid_rows, counts=counts)

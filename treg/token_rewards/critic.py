@@ -20,11 +20,16 @@ other line is *unparsed* and counted.
 **Mapping rules (choice).** Spans are matched *exactly* (case and whitespace) against the response text; a span that
 is not in the response is dropped and counted as missing, never guessed. Without an occurrence index every
 non-overlapping occurrence (scanned left to right) is marked; with ``#k`` only the k-th (a k beyond the count is
-missing). Character ranges map to tokens through the tokenizer's offsets of the response tokenized alone; a token
-gets the value if it overlaps the span by at least one character (so a BPE token that straddles a span edge is
-marked). Where a GOOD and a BAD span cover the same token, BAD wins. The response's tokens are located inside the
-trainer's ``chosen_ids`` / ``rejected_ids`` (the response followed by the chat template's end-of-turn tokens) as a
-contiguous run; tokens outside it (end of turn) get 0. If the run is not found the row is an error.
+missing). Character ranges map onto the trainer's own ``chosen_ids`` / ``rejected_ids`` (the response followed by
+the chat template's end-of-turn tokens, perhaps preceded by the end of the prompt where tokens merge across the
+boundary): those ids are decoded with each token's character range (:func:`decode_with_offsets`) and the response
+text is found in that decoded text (as it is, or without the surrounding whitespace a template or a SentencePiece
+decoder drops; failing that, aligned with it character by character, where whitespace may differ and an unknown
+token covers the characters it stands for). The response is never tokenized on its own, so a tokenizer that
+tokenizes it differently in context (a SentencePiece prefix space on plain-text rows) changes nothing. A token gets
+the value if it overlaps the span by at least one character (so a BPE token that straddles a span edge is marked);
+special tokens (end of turn) never do. Where a GOOD and a BAD span cover the same token, BAD wins. If the decoded ids
+do not hold the response the row is an error.
 
 **Failures.** A critic answer that is None, blank, or has no parseable line (and is not ``NONE``) is a failure: that
 response gets all-zero rewards and is counted.
@@ -207,12 +212,46 @@ def find_occurrences(text: str, span: str) -> list[int]:
     return out
 
 
-def _find_run(haystack: Sequence[int], needle: Sequence[int]) -> int:
-    n = len(needle)
-    for i in range(len(haystack) - n + 1):
-        if list(haystack[i : i + n]) == list(needle):
-            return i
-    return -1
+def _locate_response(response_text: str, decoded: str) -> tuple[int, int, int] | None:
+    """Where the response sits in the decoded completion: ``(start in decoded, start in response, length)`` of the
+    response as it is, or without the leading and/or trailing whitespace that a chat template strips or a
+    SentencePiece decoder drops from its first token; None when the decoded text holds none of them."""
+    for text in (response_text, response_text.strip(), response_text.lstrip(), response_text.rstrip()):
+        at = decoded.find(text) if text else -1
+        if at >= 0:
+            return at, response_text.index(text), len(text)
+    return None
+
+
+def _aligned_ranges(response_text: str, decoded: str, offsets, unknown: set[int]) -> list[tuple[int, int]] | None:
+    """Each token's character range in ``response_text`` from a character alignment of the decoded ids with it, for
+    ids that do not decode to the response verbatim: a tokenizer that normalises whitespace, or one that maps
+    characters it does not know to its unknown token (``unknown``: those tokens' indices), which decodes to nothing.
+    Decoded text before or after the response (the end of a prompt, end-of-turn text) and whitespace may differ; every
+    other response character must be matched, or sit where an unknown token does (which then covers it). None when
+    the ids do not spell the response."""
+    import difflib
+
+    to_response: dict[int, int] = {}  # decoded position -> response position of the same character
+    unknown_ranges: dict[int, tuple[int, int]] = {}
+    matcher = difflib.SequenceMatcher(None, decoded, response_text, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            to_response.update((i1 + k, j1 + k) for k in range(i2 - i1))
+            continue
+        extra, lost = decoded[i1:i2], response_text[j1:j2]
+        if extra.strip() and not (tag == "delete" and j1 in (0, len(response_text))):
+            return None
+        if lost.strip():
+            holders = [t for t in unknown if i1 <= offsets[t][0] <= i2]
+            if not holders:
+                return None
+            unknown_ranges.update((t, (j1, j2)) for t in holders)
+    ranges = []
+    for t, (a, b) in enumerate(offsets):
+        matched = [to_response[k] for k in range(a, b) if k in to_response]
+        ranges.append(unknown_ranges.get(t) or ((min(matched), max(matched) + 1) if matched else (0, 0)))
+    return ranges
 
 
 def map_spans_to_tokens(
@@ -226,31 +265,42 @@ def map_spans_to_tokens(
     row: str = "?",
 ) -> tuple[list[float], dict[str, int]]:
     """One value per completion token: ``bad_value`` on tokens overlapping a BAD span, else ``good_value`` on tokens
-    overlapping a GOOD span, else 0. ``spans`` are :class:`Span` or ``(label, text[, occurrence])`` tuples.
+    overlapping a GOOD span, else 0. ``spans`` are :class:`Span` or ``(label, text[, occurrence])`` tuples, found in
+    ``response_text`` (the text the critic read).
+
+    The spans are placed on ``completion_ids`` themselves: the ids are decoded with each token's character range
+    (:func:`decode_with_offsets`) and the response is located in that text (:func:`_locate_response`; failing that,
+    aligned with it character by character, :func:`_aligned_ranges`), so the values line up one-to-one with the
+    trainer's ids whatever the tokenizer does to the response in context. Tokens outside the response (end of turn,
+    the end of a prompt merged into the first token) get a value only where they overlap a span's characters.
 
     Returns (values, stats) with stats ``spans``, ``found``, ``missing``, ``good_tokens``, ``bad_tokens``. Raises
-    :class:`TokenRewardError` naming ``row`` when the response's tokens are not a contiguous run of ``completion_ids``.
+    :class:`TokenRewardError` naming ``row`` when the decoded ids do not hold the response.
     """
     check_values(good_value, bad_value)
-    offset_text, shift = response_text, 0
-    enc = tokenizer(offset_text, add_special_tokens=False, return_offsets_mapping=True)
-    start = _find_run(completion_ids, enc["input_ids"]) if enc["input_ids"] else 0
-    if start < 0 and response_text.strip() != response_text:  # a chat template that strips the content
-        offset_text = response_text.strip()
-        shift = response_text.index(offset_text)
-        enc = tokenizer(offset_text, add_special_tokens=False, return_offsets_mapping=True)
-        start = _find_run(completion_ids, enc["input_ids"]) if enc["input_ids"] else 0
-    if start < 0:
+    decoded, offsets = decode_with_offsets(tokenizer, completion_ids)
+    found = _locate_response(response_text, decoded) if response_text.strip() else (0, 0, 0)
+    if found is not None:
+        # each token's character range in response coordinates, clipped to the response (what lies outside is not
+        # text the critic read)
+        at, begin, length = found
+        shift = begin - at
+        ranges = [(max(a, at) + shift, min(b, at + length) + shift) for a, b in offsets]
+        return _mark_spans(response_text, ranges, spans, good_value, bad_value)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown = {t for t, i in enumerate(completion_ids) if unk is not None and i == unk}
+    ranges = _aligned_ranges(response_text, decoded, offsets, unknown)
+    if ranges is None:
         raise TokenRewardError(
-            f"row {row}: the response's tokens ({len(enc['input_ids'])}) are not a contiguous run of the trainer's "
-            f"{len(completion_ids)} completion ids, so critic spans cannot be placed. The tokenizer or chat template "
-            "changes the response's tokenization in context (e.g. a SentencePiece prefix space)."
+            f"row {row}: the trainer's {len(completion_ids)} completion ids decode to {_preview(decoded)}, which does "
+            f"not hold the response {_preview(response_text)}, so critic spans cannot be placed. Check that the "
+            "dataset's prompt_ids / chosen_ids / rejected_ids were tokenized from its text columns with this tokenizer."
         )
-    offsets = [(a + shift, b + shift) for a, b in enc["offset_mapping"]]
-    marked, stats = _mark_spans(response_text, offsets, spans, good_value, bad_value)
-    values = [0.0] * len(completion_ids)
-    values[start : start + len(marked)] = marked
-    return values, stats
+    return _mark_spans(response_text, ranges, spans, good_value, bad_value)
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 def _mark_spans(text: str, offsets, spans, good_value: float, bad_value: float) -> tuple[list[float], dict[str, int]]:
@@ -271,7 +321,7 @@ def _mark_spans(text: str, offsets, spans, good_value: float, bad_value: float) 
         for begin in occ:
             end = begin + len(s.text)
             for t, (a, b) in enumerate(offsets):
-                if a < end and begin < b:
+                if a < b and a < end and begin < b:  # an empty range (a special token) is never marked
                     marks[t] = True
     values = [bad_value if b else good_value if g else 0.0 for g, b in zip(is_good, is_bad)]
     stats["bad_tokens"] = sum(is_bad)
