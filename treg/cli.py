@@ -95,9 +95,16 @@ def build_trainer(data_args, config, model_args):
 def cmd_train(argv: list[str]) -> int:
     """Train, save, then run the end-of-training eval hooks: a hook that fails cannot lose the trained model."""
     from treg.evaluation.callback import EvalHookCallback
+    from treg.token_rewards import AGREEMENT_METRICS, TOKEN_REWARD_COLUMNS, print_agreement, rhat_preference_agreement
 
     data_args, config, model_args = parse_train_args(argv)
     trainer = build_trainer(data_args, config, model_args)
+    if set(TOKEN_REWARD_COLUMNS) <= set(trainer.train_dataset.column_names):  # r̂ vs the labels, before training
+        agreement = rhat_preference_agreement(trainer.train_dataset)
+        for key, metric in AGREEMENT_METRICS.items():  # TRL adds these to the first logged training metrics
+            trainer._metrics["train"][metric].append(agreement[key])
+        if trainer.accelerator.is_main_process:
+            print_agreement(agreement)
     end_hooks = [c for c in trainer.callback_handler.callbacks if isinstance(c, EvalHookCallback)]
     for hook in end_hooks:
         hook.defer_train_end = True
@@ -112,7 +119,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_rewards(argv: list[str]) -> int:
     """Run the token-reward pass alone (it is cached, so a later `treg train` with the same recipe reuses it)."""
-    from treg.token_rewards import CHOSEN_REWARDS, REJECTED_REWARDS
+    from treg.token_rewards import CHOSEN_REWARDS, REJECTED_REWARDS, print_agreement, rhat_preference_agreement
     from treg.token_rewards.contrastive import summarize
 
     data_args, config, model_args = parse_train_args(argv)
@@ -127,6 +134,8 @@ def cmd_rewards(argv: list[str]) -> int:
                 stats = summarize(dataset[col])
                 mean, std, pos = stats["mean"], stats["std"], stats["frac_positive"]
                 print(f"{col}: mean {mean:+.4f}  std {std:.4f}  positive {pos:.1%}")
+        if {CHOSEN_REWARDS, REJECTED_REWARDS} <= set(dataset.column_names):
+            print_agreement(rhat_preference_agreement(dataset))
     return 0
 
 

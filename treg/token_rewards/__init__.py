@@ -108,3 +108,78 @@ def check_token_columns(dataset, max_length: int | None, columns=PER_TOKEN_COLUM
                     f"row {row}, column {col!r}: token rewards must lie in (-0.5, 0.5) (METHOD.md §2), got "
                     f"max |r̂| = {max(abs(v) for v in values):.3f}. Squash external rewards, e.g. sigmoid(x) - 0.5."
                 )
+
+
+# ------------------------------------------------------------------------------------------ a label-free check
+AGREEMENT_METRICS = {"agreement": "treg/rhat_pair_agreement", "std": "treg/rhat_std"}
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default); (nan, nan) for n = 0."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rhat_preference_agreement(dataset, small: float = 0.01) -> dict:
+    """How well r̂ agrees with the dataset's own preference labels, before any training: the share of pairs whose
+    chosen response has the higher mean r̂ (ties count half) with its Wilson 95% CI, and r̂'s spread.
+
+    Pairs with no kept token on a side are skipped. Returns ``pairs``, ``agree``, ``ties``, ``skipped``,
+    ``agreement``, ``ci95``, ``mean``, ``std`` (over all chosen and rejected tokens), ``small_share`` (share of tokens
+    with |r̂| < ``small``) and ``chance`` (True when the CI contains 0.5: r̂ cannot be told from chance on these
+    labels; also True when there is no pair). ``bench/token_rewards_real.py`` measures r̂ against token-level truth.
+    """
+    import numpy as np
+
+    agree = ties = skipped = 0
+    tokens = []
+    columns = list(dataset[CHOSEN_REWARDS]), list(dataset[REJECTED_REWARDS])
+    for chosen, rejected in zip(*columns):
+        c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+        tokens += [c, r]
+        if not len(c) or not len(r):
+            skipped += 1
+            continue
+        agree += int(c.mean() > r.mean())
+        ties += int(c.mean() == r.mean())
+    pairs = len(columns[0]) - skipped
+    lo, hi = wilson_interval(agree + 0.5 * ties, pairs)
+    flat = np.concatenate(tokens) if tokens else np.zeros(0)
+    nan = math.nan
+    return {
+        "pairs": pairs, "agree": agree, "ties": ties, "skipped": skipped,
+        "agreement": (agree + 0.5 * ties) / pairs if pairs else nan, "ci95": [lo, hi],
+        "mean": float(flat.mean()) if len(flat) else nan, "std": float(flat.std()) if len(flat) else nan,
+        "small_share": float((np.abs(flat) < small).mean()) if len(flat) else nan,
+        "chance": not pairs or lo <= 0.5 <= hi,
+    }
+
+
+def describe_agreement(stats: dict) -> tuple[str, str | None]:
+    """(one summary line, a warning or None) for :func:`rhat_preference_agreement`'s result."""
+    lo, hi = stats["ci95"]
+    line = (f"r̂ vs the preference labels: chosen has the higher mean r̂ in {stats['agreement']:.1%} of "
+            f"{stats['pairs']} pairs (95% CI {lo:.1%}-{hi:.1%}, ties {stats['ties']}); r̂ std {stats['std']:.4f}, "
+            f"|r̂| < 0.01 for {stats['small_share']:.1%} of tokens")
+    if not stats["chance"]:
+        return line, None
+    return line, (f"r̂ is indistinguishable from chance on this data: {stats['agreement']:.1%} agreement with the "
+                  f"preference labels, 95% CI {lo:.1%}-{hi:.1%} contains 50% (r̂ std {stats['std']:.4f}). The "
+                  "token-level regularizer may add noise rather than credit; check the templates "
+                  "(contrastive_positive_template / contrastive_negative_template, docs/token-rewards-real.md) or "
+                  "the token-reward source before a long run.")
+
+
+def print_agreement(stats: dict) -> None:
+    """Print :func:`describe_agreement`'s line; log its warning (logger ``treg``) when r̂ is chance-level."""
+    import logging
+
+    line, warning = describe_agreement(stats)
+    print(line)
+    if warning:
+        logging.getLogger("treg").warning(warning)
