@@ -100,7 +100,7 @@ def template_sets() -> dict[str, TemplateSet]:
 
     sets = [
         TemplateSet("treg_default", contrastive.DEFAULT_POSITIVE_TEMPLATE, contrastive.DEFAULT_NEGATIVE_TEMPLATE,
-                    positive_system, negative_system, "treg's defaults (contrastive.py), chosen on dev"),
+                    positive_system, negative_system, "treg's defaults (contrastive.py)"),
         TemplateSet("treg_v1", POSITIVE_TEMPLATE, NEGATIVE_TEMPLATE, note="treg's first wording (the tiny model's)"),
         TemplateSet("paper_terse", "{prompt}\n\nAnswer helpfully, correctly, coherently and concisely.",
                     "{prompt}\n\nAnswer unhelpfully, incorrectly, incoherently and verbosely.",
