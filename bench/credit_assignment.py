@@ -102,10 +102,13 @@ LEARNING_RATE = 1e-4
 
 
 def _config(output_dir: str, size: Size, seed: int, learning_rate: float = LEARNING_RATE, **method):
+    from treg.synthetic import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE
     from treg.trainer import TRegConfig
 
     return TRegConfig(
         output_dir=output_dir,
+        contrastive_positive_template=POSITIVE_TEMPLATE,  # the wording the tiny model was instruction-tuned on
+        contrastive_negative_template=NEGATIVE_TEMPLATE,
         learning_rate=learning_rate,
         num_train_epochs=size.epochs,
         per_device_train_batch_size=size.batch_size,

@@ -160,7 +160,10 @@ def build_trainer(variant: str, name: str, model, tokenizer, dataset, args, max_
         ref_model = copy.deepcopy(model)
         return DPOTrainer(model, ref_model=ref_model, args=config, train_dataset=dataset, processing_class=tokenizer)
     alpha = TREG_ALPHA if variant == "treg" else 0.0
-    config = TRegConfig(treg_alpha=alpha, base_loss="dpo", **kwargs)
+    from treg.synthetic import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE  # the tiny model's x⁺/x⁻ wording
+
+    config = TRegConfig(treg_alpha=alpha, base_loss="dpo", contrastive_positive_template=POSITIVE_TEMPLATE,
+                        contrastive_negative_template=NEGATIVE_TEMPLATE, **kwargs)
     return TRegTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
 

@@ -95,12 +95,9 @@ def template_sets() -> dict[str, TemplateSet]:
     from treg.synthetic import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE
     from treg.token_rewards import contrastive
 
-    positive_system = getattr(contrastive, "DEFAULT_POSITIVE_SYSTEM", None)
-    negative_system = getattr(contrastive, "DEFAULT_NEGATIVE_SYSTEM", None)
-
     sets = [
         TemplateSet("treg_default", contrastive.DEFAULT_POSITIVE_TEMPLATE, contrastive.DEFAULT_NEGATIVE_TEMPLATE,
-                    positive_system, negative_system, "treg's defaults (contrastive.py)"),
+                    note="treg's defaults (contrastive.py)"),
         TemplateSet("treg_v1", POSITIVE_TEMPLATE, NEGATIVE_TEMPLATE, note="treg's first wording (the tiny model's)"),
         TemplateSet("paper_terse", "{prompt}\n\nAnswer helpfully, correctly, coherently and concisely.",
                     "{prompt}\n\nAnswer unhelpfully, incorrectly, incoherently and verbosely.",
@@ -788,6 +785,7 @@ def run(args, size: Size, size_name: str) -> tuple[dict, list[Answer], object]:
         "critic": {"counts": critic_stats, "stats": critic_eval},
         "answers": {s: {k: sum(a.split == s and a.kind == k for a in answers) for k in KINDS} for s in splits},
         "forwards": scorer.scored, "seconds": time.time() - start, "machine": machine(torch),
+        "workers": args.workers,
     }
     return result, answers, tokenizer
 
@@ -826,7 +824,7 @@ def stats_table(groups: dict, signals: list[str], first: str = "all") -> list[st
               for g in names]
     lines.append("| *answers / positive / negative tokens* | " + counts[0] + " | | " + " | ".join(counts[1:]) + " |")
     for s in signals:
-        row = [_label(s), _cell(groups[first]["signals"].get(s)),
+        row = [_label(s).replace("|", "\\|"), _cell(groups[first]["signals"].get(s)),
                _cell(groups[first]["signals"].get(s, {}).get("minus_surprisal"))]
         row += [_cell(groups[g]["signals"].get(s)) for g in names[1:]]
         lines.append("| " + " | ".join(row) + " |")
@@ -903,7 +901,7 @@ def critic_section(result: dict) -> list[str]:
              f"the answer, {c['missing']} missing, {c['bad_tokens']} tokens marked BAD.", "",
              "| signal (same answers) | AUC [95% CI] |", "|---|---|"]
     for s, e in st["signals"].items():
-        lines.append(f"| {_label(s)} | {_cell(e)} |")
+        lines.append("| " + _label(s).replace("|", "\\|") + f" | {_cell(e)} |")
     return lines + [""]
 
 
@@ -914,8 +912,10 @@ def settings_section(result: dict) -> list[str]:
                                                   for s, v in result["answers"].items()),
              f"* sizes: {json.dumps(sizes)}",
              f"* defect kinds (one per answer, cycled): {', '.join(result['defect_kinds'])}",
-             f"* run time {result['seconds'] / 60:.1f} min, {result['forwards']} scored sequences; machine: "
-             f"{m['processor']}, {m['cpus']} CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
+             f"* run time {result['seconds'] / 60:.1f} min, {result['forwards']} scored sequences on "
+             f"{result.get('workers', 1)} scoring process(es) (one torch thread each when more than one); machine: "
+             f"{m['processor']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads in the main "
+             "process), "
              f"CUDA {m['cuda']}, load average at the end {m['load_average_at_end']}", "",
              "| template set | x⁺ | x⁻ | note |", "|---|---|---|---|"]
     for name, t in result["template_sets"].items():
@@ -985,10 +985,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="token-rewards-real.json")
     parser.add_argument("--report", default=None, help="markdown report path")
     parser.add_argument("--heatmap", default=None, help="HTML heatmap page path")
+    parser.add_argument("--report-from", default=None, help="only rewrite --report from this run's JSON")
     args = parser.parse_args(argv)
     size_name = "smoke" if args.smoke else "default"
     from treg.files import write_json_atomic, write_text_atomic
 
+    if args.report_from:
+        write_text_atomic(args.report, report(json.loads(Path(args.report_from).read_text()),
+                                              existing_notes(args.report)))
+        return 0
     result, answers, tokenizer = run(args, SIZES[size_name], size_name)
     if args.search:
         result["search"] = merge_search(args.search, result)

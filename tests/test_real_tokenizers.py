@@ -193,8 +193,8 @@ def check_alignment(tok, dataset, items) -> None:
     """Every per-token value sits on a completion token TRL trains on; the pass scored exactly those tokens after x,
     x⁺ and x⁻, which each carry one BOS (none where the template has none: Qwen), and x⁺/x⁻ followed by the
     response are the tokens of the joined text."""
+    from treg.synthetic import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE  # recipes/tiny/treg-dpo.yaml's x⁺/x⁻
     from treg.token_rewards import CHOSEN_REWARDS, REF_CHOSEN, REF_REJECTED, REJECTED_REWARDS, kept_completion_length
-    from treg.token_rewards.contrastive import DEFAULT_NEGATIVE_TEMPLATE, DEFAULT_POSITIVE_TEMPLATE
 
     bos = tok.bos_token_id if tok.bos_token else None
     for r, row in enumerate(dataset):
@@ -212,7 +212,7 @@ def check_alignment(tok, dataset, items) -> None:
             response = row[side]
             if isinstance(response, str) and not response.endswith(tok.eos_token):
                 response += tok.eos_token  # TRL's add_eos for plain strings
-            for template in (DEFAULT_POSITIVE_TEMPLATE, DEFAULT_NEGATIVE_TEMPLATE):
+            for template in (POSITIVE_TEMPLATE, NEGATIVE_TEMPLATE):
                 full = joined_ids(tok, row["prompt"], template, response)
                 matches = [c for c in contexts if c != prompt_ids and full[: len(c) + len(kept)] == c + kept]
                 assert matches, (r, side, template, tok.decode(full))

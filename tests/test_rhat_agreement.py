@@ -1,4 +1,5 @@
-"""The label-free check of r̂ before training: agreement with the preference labels, by hand and through the CLI."""
+"""What issue 15 added around r̂: the label-free check before training (agreement with the preference labels, by hand
+and through the CLI) and the default x⁺ = x sharing the reference forward."""
 
 import logging
 import math
@@ -72,3 +73,32 @@ def test_train_logs_the_agreement_with_the_first_metrics(tmp_path, tiny, capsys)
     out = capsys.readouterr().out
     assert "r̂ vs the preference labels" in out
     assert "treg/rhat_pair_agreement" in out and "treg/rhat_std" in out  # the first logged training metrics
+
+
+def test_default_positive_template_shares_the_reference_forward(tiny, monkeypatch):
+    """treg's default x⁺ is the plain prompt (chosen in bench/token_rewards_real.py): the pass scores x and x⁻ only,
+    and r̂ = σ(log π(y|x) − log π(y|x⁻)) − 0.5 exactly as with x⁺ scored on its own."""
+    import numpy as np
+    from datasets import Dataset
+
+    import treg.token_rewards.contrastive as contrastive
+
+    assert contrastive.DEFAULT_POSITIVE_TEMPLATE == "{prompt}"
+    model, tokenizer, _ = tiny
+    data = Dataset.from_dict({"prompt_ids": [[1, 5, 7], [1, 4]], "chosen_ids": [[9, 2], [3, 3, 2]],
+                              "rejected_ids": [[8], [6, 2]]})
+    negative = [[1, 5, 7, 11, 12], [1, 4, 11, 12]]
+    scored, real = [], contrastive.score_completions
+
+    def spy(model_, items, **kwargs):
+        scored.extend(items)
+        return real(model_, items, **kwargs)
+
+    monkeypatch.setattr(contrastive, "score_completions", spy)
+    cols = contrastive.compute_columns(model, tokenizer, data, positive_ids=list(data["prompt_ids"]),
+                                       negative_ids=negative, max_length=None, show_progress=False)
+    assert len(scored) == 8  # 2 rows × 2 sides × (x, x⁻), not × 3
+    for r in range(2):
+        neg = real(model, [(negative[r], data["chosen_ids"][r])], show_progress=False)[0]
+        expected = contrastive.contrastive_rewards(np.asarray(cols["ref_chosen_token_logps"][r]), neg)
+        np.testing.assert_allclose(cols["chosen_token_rewards"][r], expected, atol=1e-5)

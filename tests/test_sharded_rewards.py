@@ -13,7 +13,7 @@ import pytest
 from datasets import load_from_disk
 
 import treg.token_rewards.contrastive
-from treg.synthetic import make_pairs
+from treg.synthetic import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE, make_pairs
 from treg.token_rewards import CHOSEN_REWARDS, PER_TOKEN_COLUMNS, REF_CHOSEN, REF_CHOSEN_SUM, precompute
 from treg.token_rewards import cache as token_cache
 from treg.trainer import TRegConfig, TRegTrainer
@@ -41,6 +41,8 @@ def pass_config(out, cache_dir, **kw):
         report_to="none",
         disable_tqdm=True,
         treg_alpha=0.5,
+        contrastive_positive_template=POSITIVE_TEMPLATE,  # the recipe's (the tiny model's wording)
+        contrastive_negative_template=NEGATIVE_TEMPLATE,
         max_length=128,
         token_reward_cache_dir=cache_dir,
         token_reward_shard_size=SHARD,

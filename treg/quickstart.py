@@ -16,7 +16,14 @@ from transformers import PrinterCallback, TrainerCallback
 
 from treg.feedback.onpolicy import greedy_oracle_score, make_onpolicy_pairs
 from treg.scoring import score_completions
-from treg.synthetic import defect_auc, load_tiny_model, task_prompts, token_defects
+from treg.synthetic import (
+    NEGATIVE_TEMPLATE,
+    POSITIVE_TEMPLATE,
+    defect_auc,
+    load_tiny_model,
+    task_prompts,
+    token_defects,
+)
 from treg.token_rewards import CHOSEN_REWARDS, REF_CHOSEN, REF_REJECTED, REJECTED_REWARDS
 from treg.trainer import TRegConfig, TRegTrainer
 
@@ -77,6 +84,8 @@ def run(output_dir: str = "treg-quickstart", train_prompts: int = 512, epochs: f
     config = TRegConfig(
         output_dir=output_dir,
         treg_alpha=alpha,
+        contrastive_positive_template=POSITIVE_TEMPLATE,  # the wording the tiny model was instruction-tuned on
+        contrastive_negative_template=NEGATIVE_TEMPLATE,
         beta=0.1,
         learning_rate=1e-4,  # a tenth of the tiny model's SFT peak, as in bench/credit_assignment.py
         num_train_epochs=epochs,

@@ -6,19 +6,32 @@ The frozen reference model scores the same response tokens under two prompts tha
     r̂_t = σ( log π_ref(y_t | x⁺, y_<t) − log π_ref(y_t | x⁻, y_<t) ) − 0.5        ∈ (−0.5, 0.5)
 
 In the same pass the per-token reference log-probs under the plain prompt ``x`` are computed, so training needs no
-reference model in memory. Forwards per response: 3 (``x``, ``x⁺``, ``x⁻``) with a DPO base; 2 (``x⁺``, ``x⁻``)
-with ``with_reference=False`` (a SimPO base needs no reference log-probs).
+reference model in memory. Forwards per response: 3 (``x``, ``x⁺``, ``x⁻``) with a DPO base, 2 when x⁺ is x (the
+default); 2 (``x⁺``, ``x⁻``) with ``with_reference=False`` (a SimPO base needs no reference log-probs).
 
 The paper does not publish its prompt wording; the defaults below are ours **(choice)** and a recipe overrides them
-with ``contrastive_positive_template`` / ``contrastive_negative_template`` (each must contain ``{prompt}``). For
-conversational rows the template wraps the content of the last user message and the result is rendered through the
-model's chat template with the generation prompt; for plain-text rows it wraps the prompt text without its trailing
-whitespace, which then follows the wrapped text: TRL joins a plain prompt and its response as they are, so x⁺ ends
-with the same separator as x ("…concise.\n" then the response, not "…concise." glued to it). x⁺ is tokenized as TRL
-tokenizes x. The response ids are the trainer's own ``chosen_ids`` / ``rejected_ids``, so the three passes score
-identical tokens; and where TRL's x lacks the end of x's own tokenization (the response's first token merged with
-it, e.g. Qwen's generation prompt "…assistant\n" before a response starting with "\n" gives one "\n\n" token,
-which TRL counts to the response), that end is left out of x⁺ and x⁻ too (:func:`render_prompt_ids`).
+with ``contrastive_positive_template`` / ``contrastive_negative_template``. They were chosen with
+``bench/token_rewards_real.py`` on SmolLM2-135M-Instruct, on the benchmark's development split only (injected
+defects in AlpacaEval / Arena-Hard / HH-RLHF answers, fine-grained-feedback human error spans, BIG-Bench-Mistake first
+mistakes; 108 answers): of 17 generic template sets, the best mean AUC among those a user turn can express was
+x⁺ = the plain prompt, x⁻ = the prompt plus "Write an incorrect and incoherent response." (0.566, vs 0.516 for
+treg's first wording and 0.554 for plain surprisal −log π(y_t|x)). Held out, it finds injected defects with AUC 0.659
+(first wording 0.543, surprisal 0.620; the target 0.75 is not met) and human error spans and first mistakes at
+chance, like every other signal; per defect kind plain surprisal does better on 6 of 7 kinds: at this model size no
+template set beats surprisal reliably (``docs/token-rewards-real.md``). The
+embedded ``treg:tiny`` model was instruction-tuned on treg's first wording (:data:`treg.synthetic.POSITIVE_TEMPLATE`,
+:data:`treg.synthetic.NEGATIVE_TEMPLATE`); its recipes set those explicitly. With x⁺ the plain prompt, its forward
+is the reference log-probs' own (one forward saved with a DPO base).
+
+Templates must contain ``{prompt}``. For conversational rows the template wraps the content of the last user
+message and the result is rendered through the model's chat template with the generation prompt; for plain-text rows
+it wraps the prompt text without its trailing whitespace, which then follows the wrapped text: TRL joins a plain
+prompt and its response as they are, so x⁺ ends with the same separator as x ("…response.\n" then the response, not
+"…response." glued to it). x⁺ is tokenized as TRL tokenizes x. The response ids are the trainer's own ``chosen_ids``
+/ ``rejected_ids``, so the three passes score identical tokens; and where TRL's x lacks the end of x's own
+tokenization (the response's first token merged with it, e.g. Qwen's generation prompt "…assistant\n" before a
+response starting with "\n" gives one "\n\n" token, which TRL counts to the response), that end is left out of x⁺
+and x⁻ too (:func:`render_prompt_ids`).
 """
 
 from __future__ import annotations
@@ -45,8 +58,9 @@ from treg.token_rewards import cache as cache_lib
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_POSITIVE_TEMPLATE = "{prompt}\n\nWrite the best possible response: helpful, correct, coherent and concise."
-DEFAULT_NEGATIVE_TEMPLATE = "{prompt}\n\nWrite a poor response: unhelpful, incorrect, incoherent and verbose."
+# Chosen on bench/token_rewards_real.py's development split (see the module docstring and docs/token-rewards-real.md).
+DEFAULT_POSITIVE_TEMPLATE = "{prompt}"
+DEFAULT_NEGATIVE_TEMPLATE = "{prompt}\n\nWrite an incorrect and incoherent response."
 CACHE_VERSION = "contrastive-v1"
 
 
@@ -158,7 +172,8 @@ def compute_columns(
     with_reference: bool = True,
 ) -> dict[str, list]:
     """Score every kept chosen/rejected token under x (unless ``with_reference=False``) and under x⁺, x⁻ (when their
-    ids are given), in one call to the scoring engine so that all contexts share length-sorted batches.
+    ids are given), in one call to the scoring engine so that all contexts share length-sorted batches; a (context,
+    completion) that occurs twice (x⁺ equal to x, duplicate rows) is scored once.
 
     ``dataset`` is tokenized the trainer's way (``prompt_ids``, ``chosen_ids``, ``rejected_ids``).
     """
@@ -169,13 +184,16 @@ def compute_columns(
     contexts = {"plain": prompts} if with_reference else {}
     if positive_ids is not None:
         contexts.update(positive=positive_ids, negative=negative_ids)
-    items, index = [], {}
+    items, index, seen = [], {}, {}
     for ctx_name, ctx_ids in contexts.items():
         for side, completions in sides.items():
             for row, (p, c) in enumerate(zip(prompts, completions)):
                 kept = c[: kept_completion_length(len(p), len(c), max_length)]
-                index[(ctx_name, side, row)] = len(items)
-                items.append((ctx_ids[row], kept))
+                key = (tuple(ctx_ids[row]), tuple(kept))  # x⁺ = x (the default x⁺): scored once, not twice
+                if key not in seen:
+                    seen[key] = len(items)
+                    items.append((ctx_ids[row], kept))
+                index[(ctx_name, side, row)] = seen[key]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     desc = "Reference log-probs" if positive_ids is None else f"Token rewards ({', '.join(contexts)})"
     logps = score_completions(
