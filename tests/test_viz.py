@@ -268,3 +268,24 @@ def test_d11_byte_level_tokens_of_one_character_show_it_once(tiny):
     labels = token_texts(tokenizer, ids)
     assert "".join(labels) == " a 😀 b" and not any("\ufffd" in t for t in labels)
     assert len(labels) == len(ids) and "😀" in labels
+
+
+def test_viz_draws_rhat_with_the_templates_the_checkpoint_was_trained_with(tmp_path):
+    """`treg viz` without --positive/--negative-template: a run folder's training_args.bin gives them; a treg:tiny
+    reference its own wording (it was tuned on it); anything else TRegConfig's defaults."""
+    import torch
+
+    from treg.synthetic import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE
+    from treg.viz import training_templates
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TRegConfig(output_dir=str(run), report_to="none", contrastive_positive_template="A {prompt}",
+                        contrastive_negative_template="B {prompt}")
+    torch.save(config, run / "training_args.bin")  # what Trainer.save_model writes
+    assert training_templates(str(run), "treg:tiny") == ("A {prompt}", "B {prompt}")
+    assert training_templates(str(tmp_path), "treg:tiny") == (POSITIVE_TEMPLATE, NEGATIVE_TEMPLATE)
+    assert training_templates("treg:tiny") == (POSITIVE_TEMPLATE, NEGATIVE_TEMPLATE)
+    assert training_templates(str(tmp_path), "some/model") == (None, None)
+    (run / "training_args.bin").write_bytes(b"not a pickle")
+    assert training_templates(str(run), "some/model") == (None, None)

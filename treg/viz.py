@@ -28,6 +28,7 @@ import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from treg.files import UserError, write_atomic, write_text_atomic
 
@@ -606,6 +607,31 @@ def _load_model(name: str, with_tokenizer: bool = True):
     return model, tokenizer
 
 
+def training_templates(checkpoint, ref_model=None) -> tuple[str | None, str | None]:
+    """x⁺ and x⁻ to draw r̂ with when the user names none: those in the checkpoint's ``training_args.bin`` (saved by
+    ``treg train``) when it is a local folder that has one; else treg:tiny's own wording when the reference is
+    ``treg:tiny`` (it was instruction-tuned on it, and its recipes train with it); else (None, None): TRegConfig's
+    defaults."""
+    import torch
+
+    args_file = Path(os.fspath(checkpoint)) / "training_args.bin"
+    if args_file.is_file():
+        try:  # a pickle treg itself wrote into the user's own run folder
+            saved = torch.load(args_file, weights_only=False, map_location="cpu")
+        except Exception as e:  # an unreadable file only costs the default wording
+            logger.warning("could not read the templates of %s (%s); using TRegConfig's defaults", args_file, e)
+        else:
+            positive = getattr(saved, "contrastive_positive_template", None)
+            negative = getattr(saved, "contrastive_negative_template", None)
+            if positive is not None and negative is not None:
+                return positive, negative
+    if ref_model == "treg:tiny" or (ref_model is None and checkpoint == "treg:tiny"):
+        from treg.synthetic import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE
+
+        return POSITIVE_TEMPLATE, NEGATIVE_TEMPLATE
+    return None, None
+
+
 def visualize(
     checkpoint: str,
     dataset,
@@ -627,7 +653,9 @@ def visualize(
             only the checkpoint's own r̂ (there is no implicit reward without a reference).
         dataset: a ``datasets.Dataset``, ``treg:toy`` (the toy evaluation pairs, seed 10 000), or anything
             :func:`treg.data.load_preference_dataset` reads (with ``split``).
-        rows, side, beta, max_length, templates: see :func:`compute_heatmaps`.
+        rows, side, beta, max_length: see :func:`compute_heatmaps`.
+        positive_template, negative_template: x⁺ and x⁻; when neither is given, those the checkpoint was trained
+            with (:func:`training_templates`), so that r̂ is the one training used.
         out: ``.html``/``.htm`` (self-contained page) or ``.png`` (needs matplotlib).
     Returns the path written.
     """
@@ -647,6 +675,8 @@ def visualize(
 
             dataset = load_preference_dataset(dataset, split=split, max_rows=needed)
     rows = _check_rows(rows, len(dataset))
+    if positive_template is None and negative_template is None:
+        positive_template, negative_template = training_templates(checkpoint, ref_model)
     model, tokenizer = _load_model(checkpoint)
     ref = None
     if ref_model is not None:
