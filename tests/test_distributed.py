@@ -1,7 +1,8 @@
 """Multi-process training on CPU, launched the way README launches it (`accelerate launch --config_file ds_configs/...
 -m treg train --config recipes/...`): 2 DDP processes (gloo) train the tiny recipe to the same losses and weights
 as 1 process with the same global batch, and DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes match DDP; under ZeRO-3 the
-token-reward pass, run through the partitioned engine, writes the very entry (name and values) of the 1-process pass.
+token-reward pass, run through the partitioned engine, writes the very entry (name and values) of the 1-process pass;
+pair packing (the default) under ZeRO-2/3 matches a padded, unpacked 1-process run.
 
 Two-process CPU runs occasionally abort at interpreter exit after they finished (seen ~3 in 40). A run counts as
 finished only when its final weights, its checkpoint's trainer_state.json and the "saved to" line exist; only then is
@@ -191,6 +192,44 @@ def test_deepspeed_zero3_on_two_cpu_processes_matches_ddp_and_shares_the_pass_ca
         assert a.column_names == b.column_names and len(a) == len(b)
         for col in a.column_names:
             assert a[col] == b[col], (entry, col)
+
+
+@pytest.fixture(scope="module")
+def single_padded(tiny, tmp_path_factory):
+    """1 process, batch 8, pairs not packed (``--pack_pairs false``: padded training forward and unpacked token-reward
+    pass), in a cache of its own so its pass really runs unpacked."""
+    root = tmp_path_factory.mktemp("single-padded")
+    argv = ["train", "--config", RECIPE, "--output_dir", str(root / "run"), "--per_device_train_batch_size", "8",
+            *TRAIN_FLAGS, "--pack_pairs", "false", "--token_reward_cache_dir", str(root / "cache")]
+    assert main(argv) == 0
+    return result(root / "run") | {"cache": root / "cache",
+                                   "init": load_file(str(Path(tiny[2]) / "model.safetensors"))}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_packed_pairs_under_deepspeed_match_the_padded_single_process(single_padded, tmp_path, zero):
+    """Pair packing (the default) on 2 CPU processes under ZeRO-2/3: the training forward through the engine and the
+    token-reward pass (under ZeRO-3 through the partitioned engine in lockstep) give the losses, the weights and the
+    cache entry (name; values to float rounding) of the padded, unpacked 1-process run."""
+    import numpy as np
+    from datasets import load_from_disk
+
+    cache = tmp_path / "cache"
+    run = launch(f"ds_configs/cpu_2proc_zero{zero}.yaml", tmp_path / "run", port=29526 + zero, timeout=600,
+                 extra=("--token_reward_cache_dir", str(cache)))
+    assert len(run["losses"]) == STEPS
+    torch.testing.assert_close(run["losses"], single_padded["losses"], atol=1e-5, rtol=0)
+    assert_same_training(run["weights"], single_padded["weights"], single_padded["init"])
+    entries = sorted(p.name for p in (cache / "token_rewards").iterdir() if p.name.startswith("pass-"))
+    assert entries, "the packed run wrote no token-reward entry"
+    for entry in entries:
+        padded_entry = single_padded["cache"] / "token_rewards" / entry
+        assert padded_entry.is_dir(), f"the packed run wrote {entry}, which the padded run did not: the keys differ"
+        a, b = load_from_disk(str(cache / "token_rewards" / entry)), load_from_disk(str(padded_entry))
+        assert a.column_names == b.column_names and len(a) == len(b)
+        for col in a.column_names:
+            for x, y in zip(a[col], b[col]):
+                np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=f"{entry} {col}")
 
 
 def test_rl_with_critic_rewards_on_two_ddp_processes(tiny, tmp_path):  # tiny: built once, before the processes

@@ -14,9 +14,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "treg"
 # Lowest floor first. Modules outside DESIGN.md's table sit with the room they serve: viz and quickstart are
-# commands (they build a trainer), so they live just below the command line.
+# commands (they build a trainer), so they live just below the command line; packing is the scoring engine's packed
+# twin (ids in, per-token log-probs out, for the token-reward pass and the trainer's forward) and needs no room but
+# torch, so it sits right above scoring.
 FLOORS = (
-    "losses", "files", "models", "scoring", "generation", "data", "token_rewards", "feedback", "evaluation",
+    "losses", "files", "models", "scoring", "packing", "generation", "data", "token_rewards", "feedback", "evaluation",
     "synthetic", "recipes", "trainer", "rl", "viz", "quickstart", "cli", "__main__",
 )
 LEAF = "synthetic"

@@ -234,7 +234,14 @@ def test_rewards_sit_on_the_tokens_trl_trains_on(family, data, work, monkeypatch
         items.extend(batch)
         return real(model_, batch, *args, **kwargs)
 
+    real_groups = contrastive.score_groups
+
+    def group_spy(model_, groups, *args, **kwargs):  # the packed pass (treg.packing): each group is its items
+        items.extend((ctx, completion) for ctx, completions in groups for completion in completions)
+        return real_groups(model_, groups, *args, **kwargs)
+
     monkeypatch.setattr(contrastive, "score_completions", spy)
+    monkeypatch.setattr(contrastive, "score_groups", group_spy)
     out = work / f"{name}-rewards-{rows}"
     run(["rewards", *train_args(model, "treg-dpo", out, data[rows], work / "cache")])
     dataset = datasets.load_from_disk(str(out / "token_rewards"))

@@ -8,7 +8,8 @@ What the subclass changes, and why:
 * ``_precompute_ref_logps``: instead of TRL's per-sequence reference sums, runs the token-reward pass (per-token
   reference log-probs and r̂, cached on disk) with the accelerator's state; no reference model stays in memory.
 * a collator that pads the per-token columns beside ``completion_mask``;
-* ``compute_loss``: one policy forward (TRL's fused LM head, no logits), then :func:`treg.losses.treg_loss`.
+* ``compute_loss``: one policy forward (TRL's fused LM head, no logits; pairs packed by :mod:`treg.packing`), then
+  :func:`treg.losses.treg_loss`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from trl.trainer.utils import pad, use_adapter
 from treg.data import validate_preference_rows
 from treg.losses import BASE_LOSSES, DPO_VARIANTS, treg_loss
 from treg.models import weights_hash
+from treg.packing import collate_packed, policy_logps, use_packing
 from treg.scoring import BACKENDS
 from treg.token_rewards import (
     CHOSEN_REWARDS,
@@ -80,6 +82,8 @@ class TRegConfig(DPOConfig):
     contrastive_negative_template: str = _arg(
         DEFAULT_NEGATIVE_TEMPLATE, "x⁻: asks for a worse response; contains {prompt}."
     )
+    pack_pairs: bool = _arg(True, "Pack each pair as [prompt, chosen, rejected]: the prompt computed once, no padding "
+                            "(training and token-reward pass); the padded forward where the model cannot (logged).")
     token_reward_cache_dir: str | None = _arg(None, "Cache root for token rewards; 'none' disables caching.")
     token_reward_batch_size: int = _arg(8, "Rows per forward in the token-reward pass.")
     token_reward_shard_size: int = _arg(512, "Rows per shard of the token-reward pass (over processes, resumable).")
@@ -152,6 +156,8 @@ class DataCollatorForTReg(DataCollatorForPreference):
     Taking ``[:, 1:]`` lines the values up with ``completion_mask[:, 1:]`` and the fused head's log-probs.
     """
 
+    pack_pairs: bool = False  # also the packed forward's ``packed_*`` keys (:func:`treg.packing.collate_packed`)
+
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         output = super().torch_call(examples)
         for key, columns in (("ref_token_logps", REF_TOKEN_COLUMNS), ("token_rewards", TOKEN_REWARD_COLUMNS)):
@@ -159,6 +165,8 @@ class DataCollatorForTReg(DataCollatorForPreference):
                 continue
             rows = [torch.tensor(r, dtype=torch.float32) for r in per_token_rows(examples, columns, self.max_length)]
             output[key] = pad(rows, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+        if self.pack_pairs:
+            output.update(collate_packed(examples, self.max_length, self.pad_token_id))
         return output
 
 
@@ -185,16 +193,12 @@ class TRegTrainer(DPOTrainer):
             self.data_collator = DataCollatorForTReg(
                 pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length,
                 truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of,
+                pack_pairs=use_packing(self.model, args.pack_pairs),
             )
         if args.eval_hooks:
             from treg.evaluation.callback import EvalHookCallback
 
-            self.add_callback(EvalHookCallback(
-                args.eval_hooks, max_instances=args.eval_hook_max_instances, judge=args.eval_hook_judge,
-                when=args.eval_hook_when, output_dir=args.output_dir, max_new_tokens=args.eval_hook_max_new_tokens,
-                batch_size=args.per_device_eval_batch_size, bench=args.eval_hook_arena_bench, log=self.log,
-                no_partition=Distributed.from_accelerator(self.accelerator).no_partition,
-            ))
+            self.add_callback(EvalHookCallback.for_trainer(self))
 
     # ----------------------------------------------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -246,11 +250,8 @@ class TRegTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         args = self.args
         completion_mask = inputs["completion_mask"]  # [2B, T] rows 0..B-1 chosen, B..2B-1 rejected
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                        fused_lm_head=True, use_cache=False)
         mask = completion_mask[:, 1:]  # [2B, T-1], aligned with the fused head's next-token log-probs
-        logps = outputs.log_probs[:, -mask.size(1) :]
+        logps = policy_logps(model, inputs)  # packed pairs when the batch has them, else the padded rows
         chosen_logps, rejected_logps = logps.chunk(2)
         chosen_mask, rejected_mask = mask.chunk(2)
         ref_chosen = ref_rejected = rhat_chosen = rhat_rejected = None

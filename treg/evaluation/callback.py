@@ -148,6 +148,19 @@ class EvalHookCallback(TrainerCallback):
         self.defer_train_end = False  # set by a caller that saves the model first, then calls run_train_end
         self.no_partition = no_partition or contextlib.nullcontext
 
+    @classmethod
+    def for_trainer(cls, trainer) -> EvalHookCallback:
+        """The callback a :class:`treg.trainer.TRegTrainer`'s ``eval_hook*`` settings describe."""
+        from treg.token_rewards.precompute import Distributed
+
+        args = trainer.args
+        return cls(
+            args.eval_hooks, max_instances=args.eval_hook_max_instances, judge=args.eval_hook_judge,
+            when=args.eval_hook_when, output_dir=args.output_dir, max_new_tokens=args.eval_hook_max_new_tokens,
+            batch_size=args.per_device_eval_batch_size, bench=args.eval_hook_arena_bench, log=trainer.log,
+            no_partition=Distributed.from_accelerator(trainer.accelerator).no_partition,
+        )
+
     def _judge_for(self, model, tokenizer):
         from treg.evaluation.judges import build_judge
 

@@ -42,6 +42,7 @@ import math
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
+from treg.packing import score_groups, use_packing
 from treg.scoring import score_completions
 from treg.token_rewards import (
     CHOSEN_REWARDS,
@@ -170,12 +171,17 @@ def compute_columns(
     batch_size: int = 8,
     show_progress: bool = True,
     with_reference: bool = True,
+    pack_pairs: bool = False,
 ) -> dict[str, list]:
     """Score every kept chosen/rejected token under x (unless ``with_reference=False``) and under x⁺, x⁻ (when their
     ids are given), in one call to the scoring engine so that all contexts share length-sorted batches; a (context,
     completion) that occurs twice (x⁺ equal to x, duplicate rows) is scored once.
 
-    ``dataset`` is tokenized the trainer's way (``prompt_ids``, ``chosen_ids``, ``rejected_ids``).
+    ``pack_pairs``: with the HF backend and a model whose attention allows it (:func:`treg.packing.use_packing`),
+    each context is computed once per pair, followed by both completions (:func:`treg.packing.score_groups`);
+    otherwise every (context, completion) is its own padded row (:func:`treg.scoring.score_completions`). The two
+    agree to float rounding. ``dataset`` is tokenized the trainer's way (``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids``).
     """
     if not with_reference and positive_ids is None:
         raise ValueError("compute_columns: nothing to compute (with_reference=False and no x⁺/x⁻ ids).")
@@ -184,21 +190,14 @@ def compute_columns(
     contexts = {"plain": prompts} if with_reference else {}
     if positive_ids is not None:
         contexts.update(positive=positive_ids, negative=negative_ids)
-    items, index, seen = [], {}, {}
-    for ctx_name, ctx_ids in contexts.items():
-        for side, completions in sides.items():
-            for row, (p, c) in enumerate(zip(prompts, completions)):
-                kept = c[: kept_completion_length(len(p), len(c), max_length)]
-                key = (tuple(ctx_ids[row]), tuple(kept))  # x⁺ = x (the default x⁺): scored once, not twice
-                if key not in seen:
-                    seen[key] = len(items)
-                    items.append((ctx_ids[row], kept))
-                index[(ctx_name, side, row)] = seen[key]
+    kept = {side: [c[: kept_completion_length(len(p), len(c), max_length)] for p, c in zip(prompts, completions)]
+            for side, completions in sides.items()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     desc = "Reference log-probs" if positive_ids is None else f"Token rewards ({', '.join(contexts)})"
-    logps = score_completions(
-        model, items, batch_size=batch_size, pad_token_id=pad_id, desc=desc, show_progress=show_progress
-    )
+    packed = pack_pairs and not hasattr(model, "score_items") and use_packing(model, where="the token-reward pass")
+    score = _score_packed if packed else _score_items
+    logps = score(model, contexts, kept, batch_size=batch_size, pad_token_id=pad_id, desc=desc,
+                  show_progress=show_progress)
 
     columns: dict[str, list] = {}
     for side, ref_col, sum_col, rew_col in (
@@ -206,15 +205,48 @@ def compute_columns(
         ("rejected", REF_REJECTED, REF_REJECTED_SUM, REJECTED_REWARDS),
     ):
         if with_reference:
-            plain = [logps[index[("plain", side, r)]] for r in range(len(prompts))]
+            plain = [logps[("plain", side, r)] for r in range(len(prompts))]
             columns[ref_col] = [lp.tolist() for lp in plain]
             columns[sum_col] = [float(lp.astype(np.float64).sum()) for lp in plain]
         if positive_ids is not None:
             columns[rew_col] = [
-                contrastive_rewards(logps[index[("positive", side, r)]], logps[index[("negative", side, r)]]).tolist()
+                contrastive_rewards(logps[("positive", side, r)], logps[("negative", side, r)]).tolist()
                 for r in range(len(prompts))
             ]
     return columns
+
+
+def _score_items(model, contexts: dict, kept: dict, **kwargs) -> dict[tuple, np.ndarray]:
+    """``{(context name, side, row): log-probs}``, each distinct (context, completion) one item of
+    :func:`treg.scoring.score_completions`."""
+    items, index, seen = [], {}, {}
+    for ctx_name, ctx_ids in contexts.items():
+        for side, completions in kept.items():
+            for row, completion in enumerate(completions):
+                key = (tuple(ctx_ids[row]), tuple(completion))  # x⁺ = x (the default x⁺): scored once, not twice
+                if key not in seen:
+                    seen[key] = len(items)
+                    items.append((ctx_ids[row], completion))
+                index[(ctx_name, side, row)] = seen[key]
+    logps = score_completions(model, items, **kwargs)
+    return {key: logps[i] for key, i in index.items()}
+
+
+def _score_packed(model, contexts: dict, kept: dict, **kwargs) -> dict[tuple, np.ndarray]:
+    """``{(context name, side, row): log-probs}``, each distinct (context, chosen, rejected) one group of
+    :func:`treg.packing.score_groups`: the context computed once for both completions."""
+    groups, index, seen = [], {}, {}
+    sides = list(kept)
+    for ctx_name, ctx_ids in contexts.items():
+        for row in range(len(ctx_ids)):
+            completions = tuple(tuple(kept[side][row]) for side in sides)
+            key = (tuple(ctx_ids[row]), completions)  # x⁺ = x (the default x⁺): computed once, not twice
+            if key not in seen:
+                seen[key] = len(groups)
+                groups.append((ctx_ids[row], [kept[side][row] for side in sides]))
+            index[(ctx_name, row)] = seen[key]
+    logps = score_groups(model, groups, **kwargs)
+    return {(ctx_name, side, row): logps[g][k] for (ctx_name, row), g in index.items() for k, side in enumerate(sides)}
 
 
 def model_dtype(model):
@@ -247,6 +279,7 @@ def attach_contrastive_rewards(
     batch_size: int = 8,
     show_progress: bool = True,
     main_process_first=None,
+    pack_pairs: bool = False,
 ) -> Dataset:
     """Add the per-token columns to a tokenized dataset, from the cache when an entry for these inputs exists.
 
@@ -260,6 +293,7 @@ def attach_contrastive_rewards(
         cache_dir: where entries live (default ``$TREG_CACHE_DIR`` or ``~/.cache/treg``); ``"none"`` disables it.
         main_process_first: a context-manager factory (``accelerator.main_process_first``) so that in a distributed
             run one process computes and the others read the cache.
+        pack_pairs: score each context once per pair, followed by both completions (:func:`compute_columns`).
     """
     check_template(positive_template, "contrastive_positive_template")
     check_template(negative_template, "contrastive_negative_template")
@@ -288,6 +322,7 @@ def attach_contrastive_rewards(
             batch_size=batch_size,
             show_progress=show_progress,
             with_reference=with_reference,
+            pack_pairs=pack_pairs,
         )
 
     columns = cache_lib.load_or_compute(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from datasets import Dataset
 
+from treg.packing import score_groups, use_packing
 from treg.scoring import score_completions
 from treg.token_rewards import (
     CHOSEN_REWARDS,
@@ -43,9 +44,12 @@ def attach_dpo_derived_rewards(
     scale: float = 1.0,
     batch_size: int = 8,
     show_progress: bool = True,
+    pack_pairs: bool = False,
 ) -> Dataset:
     """Add ``chosen_token_rewards`` / ``rejected_token_rewards`` from ``dpo_model`` to a tokenized dataset that
-    already carries the per-token reference log-probs (``ref_chosen_token_logps``, ``ref_rejected_token_logps``)."""
+    already carries the per-token reference log-probs (``ref_chosen_token_logps``, ``ref_rejected_token_logps``).
+    ``pack_pairs``: each prompt computed once for both responses (:func:`treg.packing.score_groups`) where the
+    model allows it."""
     missing = [c for c in (REF_CHOSEN, REF_REJECTED) if c not in dataset.column_names]
     if missing:
         raise TokenRewardError(
@@ -53,15 +57,20 @@ def attach_dpo_derived_rewards(
             "pass first (TRegTrainer does this before calling this source)."
         )
     prompts = list(dataset["prompt_ids"])
-    items = []
-    for side in ("chosen", "rejected"):
-        for p, c in zip(prompts, dataset[f"{side}_ids"]):
-            items.append((p, c[: kept_completion_length(len(p), len(c), max_length)]))
+    kept = {
+        side: [c[: kept_completion_length(len(p), len(c), max_length)] for p, c in zip(prompts, dataset[f"{side}_ids"])]
+        for side in ("chosen", "rejected")
+    }
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logps = score_completions(
-        dpo_model, items, batch_size=batch_size, pad_token_id=pad_id, desc="DPO-derived token rewards",
-        show_progress=show_progress,
-    )
+    kwargs = dict(batch_size=batch_size, pad_token_id=pad_id, desc="DPO-derived token rewards",
+                  show_progress=show_progress)
+    if pack_pairs and not hasattr(dpo_model, "score_items") and use_packing(dpo_model, where="DPO-derived rewards"):
+        scored = score_groups(dpo_model, [(p, [c, r]) for p, c, r in zip(prompts, kept["chosen"], kept["rejected"])],
+                              **kwargs)
+        logps = [g[0] for g in scored] + [g[1] for g in scored]
+    else:
+        items = [(p, c) for side in ("chosen", "rejected") for p, c in zip(prompts, kept[side])]
+        logps = score_completions(dpo_model, items, **kwargs)
     n = len(prompts)
     columns = {
         CHOSEN_REWARDS: [

@@ -35,6 +35,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 
 from treg.models import load_causal_lm, module_hash, weights_hash, weights_path, weights_stamp
+from treg.packing import packing_support
 from treg.scoring import BACKENDS, LockstepModel, VLLMScorer, choose_backend
 from treg.token_rewards import (
     REF_CHOSEN,
@@ -93,6 +94,8 @@ class PassSettings:
         critic_few_shot: how many of the default few-shot examples the critic prompt shows (0 = none).
         critic_task_description: replaces the default task description of the critic prompt.
         critic_use_extrinsic: show ``score_chosen`` / ``score_rejected`` to the critic when the data has them.
+        pack_pairs: the HF backend scores each context (x, x⁺, x⁻) once per pair, followed by both completions
+            (:func:`treg.packing.score_groups`), where the model's attention allows it.
 
     What to compute: ``base_loss`` ("dpo" needs the reference log-probs), ``treg_alpha`` (≠ 0 needs r̂),
     ``max_length`` (values are kept for the kept completion tokens only); ``disable_tqdm`` hides the progress bar.
@@ -120,6 +123,7 @@ class PassSettings:
     critic_few_shot: int = 2
     critic_task_description: str | None = None
     critic_use_extrinsic: bool = True
+    pack_pairs: bool = True
 
     @classmethod
     def from_config(cls, config) -> PassSettings:
@@ -347,6 +351,10 @@ def cache_entry(dataset: Dataset, run: PassRun) -> str:
         "chat_template": getattr(tok, "chat_template", None),
         "max_length": s.max_length,
     }
+    if s.pack_pairs and packing_support(run.model) is None:
+        # packed and padded forwards agree to rounding only: an entry holds one layout's values, so that a rerun
+        # (and a bit-exact comparison of runs) reads values computed the way this run computes them
+        settings["layout"] = "packed"
     if plan.source == "contrastive":
         settings["templates"] = [s.contrastive_positive_template, s.contrastive_negative_template]
     elif plan.source == "dpo_derived":
@@ -398,11 +406,12 @@ def score_rows(rows: Dataset, run: PassRun) -> dict[str, list]:
                 cache_dir="none",
                 batch_size=s.token_reward_batch_size,
                 show_progress=False,
+                pack_pairs=s.pack_pairs,
             )
     if plan.source == "dpo_derived":
         out = attach_dpo_derived_rewards(out, scorers["dpo"], run.tokenizer, max_length=s.max_length,
                                          scale=s.token_reward_scale, batch_size=s.token_reward_batch_size,
-                                         show_progress=False)
+                                         show_progress=False, pack_pairs=s.pack_pairs)
     elif plan.source == "critic":
         critic = scorers["critic"]
         out = attach_critic_rewards(
