@@ -210,7 +210,7 @@ def single_padded(tiny, tmp_path_factory):
 def test_packed_pairs_under_deepspeed_match_the_padded_single_process(single_padded, tmp_path, zero):
     """Pair packing (the default) on 2 CPU processes under ZeRO-2/3: the training forward through the engine and the
     token-reward pass (under ZeRO-3 through the partitioned engine in lockstep) give the losses, the weights and the
-    cache entry (name; values to float rounding) of the padded, unpacked 1-process run."""
+    cache values (to float rounding; in an entry of their own) of the padded, unpacked 1-process run."""
     import numpy as np
     from datasets import load_from_disk
 
@@ -220,16 +220,20 @@ def test_packed_pairs_under_deepspeed_match_the_padded_single_process(single_pad
     assert len(run["losses"]) == STEPS
     torch.testing.assert_close(run["losses"], single_padded["losses"], atol=1e-5, rtol=0)
     assert_same_training(run["weights"], single_padded["weights"], single_padded["init"])
-    entries = sorted(p.name for p in (cache / "token_rewards").iterdir() if p.name.startswith("pass-"))
-    assert entries, "the packed run wrote no token-reward entry"
-    for entry in entries:
-        padded_entry = single_padded["cache"] / "token_rewards" / entry
-        assert padded_entry.is_dir(), f"the packed run wrote {entry}, which the padded run did not: the keys differ"
-        a, b = load_from_disk(str(cache / "token_rewards" / entry)), load_from_disk(str(padded_entry))
+    def entries(root):
+        return sorted((p for p in (root / "token_rewards").iterdir() if p.name.startswith("pass-")),
+                      key=lambda p: p.stat().st_mtime)
+
+    packed, padded = entries(cache), entries(single_padded["cache"])
+    assert packed and len(packed) == len(padded), (packed, padded)
+    for a_dir, b_dir in zip(packed, padded):
+        # an entry holds one layout's values (they agree to rounding only), so the packed run keys its own
+        assert a_dir.name != b_dir.name
+        a, b = load_from_disk(str(a_dir)), load_from_disk(str(b_dir))
         assert a.column_names == b.column_names and len(a) == len(b)
         for col in a.column_names:
             for x, y in zip(a[col], b[col]):
-                np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=f"{entry} {col}")
+                np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=f"{a_dir.name} {col}")
 
 
 def test_rl_with_critic_rewards_on_two_ddp_processes(tiny, tmp_path):  # tiny: built once, before the processes

@@ -260,9 +260,52 @@ def packed_logps(model, batch: PackedBatch, *, fused_lm_head: bool | None = None
     return per_position.reshape(-1)[batch.index].masked_fill(~batch.mask, 0.0)
 
 
+SCORED_CHUNK = 1024  # labelled positions per LM-head call on the scored-positions path (a [chunk, V] float32 block)
+
+
+def _head_parts(model):
+    """``(body, head)`` of a plain causal LM whose logits are ``head(body(...).last_hidden_state)`` and nothing more;
+    None for anything else: wrappers that must see every call (a DeepSpeed engine or DDP, whose ZeRO-3 gathers must
+    pair up across processes, a LockstepModel), logit soft-capping or scaling (Gemma-2, Cohere)."""
+    if hasattr(model, "_others_working") or isinstance(getattr(model, "module", None), torch.nn.Module):
+        return None
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    body = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if body is None or body is inner or head is None or not hasattr(inner, "lm_head"):
+        return None
+    return body, head
+
+
+def _scored_logps(parts, kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """``[R, T]`` float32 log-probs of the labelled positions through the LM head at those positions only (a packed
+    row's branches interleave scored positions with the contexts of the groups after them, so the last-``keep``
+    slice of :func:`_logits_logps` would project many unscored ones), in chunks of :data:`SCORED_CHUNK`."""
+    body, head = parts
+    hidden = body(**kwargs).last_hidden_state
+    where = labels != -100
+    states, targets = hidden[where], labels[where]
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    values = []
+    for start in range(0, targets.numel(), SCORED_CHUNK):
+        logits = head(states[start : start + SCORED_CHUNK]).float()
+        chunk = targets[start : start + SCORED_CHUNK]
+        values.append(logits.gather(-1, chunk[:, None]).squeeze(-1) - logits.logsumexp(-1))
+    if values:
+        out[where] = torch.cat(values)
+    return out
+
+
 def _logits_logps(model, kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """``[R, T]`` float32 log-prob of each position's label (0 where none) from the logits of the last ``keep``
-    positions only: every labelled position is among them, since branches end the left-padded rows."""
+    """``[R, T]`` float32 log-prob of each position's label (0 where none): through the LM head at the labelled
+    positions only where the model allows it (:func:`_head_parts`), else from the logits of the last ``keep``
+    positions: every labelled position is among them, since branches end the left-padded rows."""
+    parts = None if torch.is_grad_enabled() else _head_parts(model)
+    if parts is not None:
+        return _scored_logps(parts, kwargs, labels)
     scored = (labels != -100).any(0).nonzero()
     width = labels.size(1)
     keep = width - int(scored[0]) if len(scored) else 1
