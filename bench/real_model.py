@@ -725,11 +725,11 @@ def make_pool(workers: int, spec: str, cache_dir: str | None):
                                                   initializer=init_worker, initargs=(spec, 1, cache_dir))
 
 
-def train_all(pool, seeds, data_dir, held_out, size, times) -> dict:
+def train_all(pool, seeds, data_dir, held_out, size, times, methods=tuple(METHODS)) -> dict:
     """Every (method, seed) run, in the pool when there is one; one line per finished run."""
     from tqdm.auto import tqdm
 
-    jobs = [(seed, name, data_dir, held_out, size) for seed in seeds for name in METHODS]
+    jobs = [(seed, name, data_dir, held_out, size) for seed in seeds for name in methods]
     runs = {}
     bar = tqdm(total=len(jobs), desc="methods × seeds", disable=not sys.stderr.isatty())
 
@@ -786,7 +786,7 @@ def run(args, size: Size, size_name: str) -> dict:
             t0 = phase("start model on held-out prompts", t0, times,
                        f"prompt-level {np.mean([r['follow_all'] for r in start_eval['eval']]):.3f} "
                        f"({start_eval['seconds']:.0f} s of answering, beside the pass when in a worker)")
-            runs = train_all(pool, seeds, data_dir, held_out, size, times)
+            runs = train_all(pool, seeds, data_dir, held_out, size, times, args.methods)
             t0 = phase("methods", t0, times)
             result = {"seeds": seeds, **summarize(runs, start_eval, data, marks, seeds, size)}
     finally:
@@ -798,7 +798,8 @@ def run(args, size: Size, size_name: str) -> dict:
                                    "seconds": round(r["seconds"], 1)} for (n, s), r in sorted(runs.items())}
     result["settings"] = {
         "model": args.model, "size_name": size_name, "size": asdict(size), "pair_seed": args.pair_seed,
-        "methods": METHODS, "lora": LORA, "temperature": TEMPERATURE, "eval_prompts": len(held_out),
+        "methods": METHODS, "trained": list(args.methods),
+        "lora": LORA, "temperature": TEMPERATURE, "eval_prompts": len(held_out),
         "eval_keys": [r["key"] for r in held_out], "start_hash": "/".join(sorted(hashes)), "backend": backend,
         "templates": [DEFAULT_POSITIVE_TEMPLATE, DEFAULT_NEGATIVE_TEMPLATE], "sft_c": sft_c, "workers": args.workers,
         "estimate_minutes": est, "phase_seconds": times, "seconds": time.time() - start, "out": args.out,
@@ -814,6 +815,8 @@ def main(argv=None) -> int:
     which.add_argument("--gpu", action="store_true", help="the GPU size (bf16, full fine-tune; use --workers 1)")
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the size's)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="methods to train (default: all); differences need both of their methods")
     parser.add_argument("--pair-seed", type=int, default=0, help="seed of the prompts and sampled pairs")
     parser.add_argument("--workers", type=int, default=None, help="processes, one torch thread each (default 2 on "
                         "CPU, 1 on a GPU)")
