@@ -101,6 +101,19 @@ def _pairs(model, tokenizer, size: Size, seed: int):
 LEARNING_RATE = 1e-4
 
 
+def sft_reg_data(data):
+    """sft_reg's rows (also bench/real_model.py's sft_chosen): r̂ ≡ c, the pass's mean |r̂| over chosen and rejected
+    tokens, on every chosen token and 0 on every rejected one; returns (rows, c)."""
+    from treg.token_rewards import CHOSEN_REWARDS, REJECTED_REWARDS
+
+    rhat = [np.asarray(r) for col in (CHOSEN_REWARDS, REJECTED_REWARDS) for r in data[col]]
+    c = float(np.mean(np.abs(np.concatenate(rhat)))) if rhat else 0.0
+    chosen = [[c] * len(r) for r in data[CHOSEN_REWARDS]]
+    rejected = [[0.0] * len(r) for r in data[REJECTED_REWARDS]]
+    data = data.remove_columns([CHOSEN_REWARDS, REJECTED_REWARDS])
+    return data.add_column(CHOSEN_REWARDS, chosen).add_column(REJECTED_REWARDS, rejected), c
+
+
 def _config(output_dir: str, size: Size, seed: int, learning_rate: float = LEARNING_RATE, **method):
     from treg.synthetic import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE
     from treg.trainer import TRegConfig
@@ -231,10 +244,7 @@ def run_group(seed: int, group: tuple[str, ...], size: Size, cache_dir: str, lea
             if name == "treg_dpo_dpo_rewards":
                 method["token_reward_model"] = dpo_dir
             if name == "sft_reg":
-                c = float(np.mean(np.abs(np.concatenate([np.asarray(r) for r in rhat]))))
-                data = train_tok.remove_columns([CHOSEN_REWARDS, REJECTED_REWARDS])
-                data = data.add_column(CHOSEN_REWARDS, [[c] * len(r) for r in train_tok[CHOSEN_REWARDS]])
-                data = data.add_column(REJECTED_REWARDS, [[0.0] * len(r) for r in train_tok[REJECTED_REWARDS]])
+                data, _ = sft_reg_data(train_tok)
             config = _config(os.path.join(tmp, name), size, seed, learning_rate, **method)
             trainer = TRegTrainer(copy.deepcopy(sft), args=config, train_dataset=data, processing_class=tokenizer)
             trainer.remove_callback(PrinterCallback)

@@ -59,7 +59,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/token_rewards_real.py's weighted AUC
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other benches' pieces, below
+from credit_assignment import ALPHA, DPO, SIMPO  # noqa: E402  (the same β, α, γ as the toy benchmark)
+from credit_assignment import sft_reg_data as sft_chosen_data  # noqa: E402
 
 MODEL = "treg:smollm2"
 
@@ -103,9 +105,6 @@ SIZES = {
 # paper uses (as bench/credit_assignment.py); SimPO β = 2, γ = 1 (γ/β = 0.5, its Gemma recipe's ratio, the same as
 # bench/credit_assignment.py). LoRA r = 16 on every projection, lr 1e-4: twice the SmolLM2 LoRA recipe's 5e-5, as
 # a CPU run takes only about ten steps; the full fine-tune (GPU) takes the SmolLM2 recipe's 5e-6.
-DPO = {"base_loss": "dpo", "beta": 0.1}
-SIMPO = {"base_loss": "simpo", "beta": 2.0, "simpo_gamma": 1.0}
-ALPHA = 0.5
 METHODS = {
     "dpo": {**DPO, "treg_alpha": 0.0},
     "treg_dpo": {**DPO, "treg_alpha": ALPHA},
@@ -381,18 +380,6 @@ def token_pass(model, tokenizer, pairs: list[dict], size: Size, workdir: str) ->
             answer.append(a)
         marks[side] = {"flags": flags, "answer": answer}
     return data, marks
-
-
-def sft_chosen_data(data):
-    """sft_chosen's rows: r̂ ≡ c (the pass's mean |r̂|) on every chosen token and 0 on every rejected one."""
-    from treg.token_rewards import CHOSEN_REWARDS, REJECTED_REWARDS
-
-    rhat = [np.asarray(r) for col in (CHOSEN_REWARDS, REJECTED_REWARDS) for r in data[col]]
-    c = float(np.mean(np.abs(np.concatenate(rhat)))) if rhat else 0.0
-    chosen = [[c] * len(r) for r in data[CHOSEN_REWARDS]]
-    rejected = [[0.0] * len(r) for r in data[REJECTED_REWARDS]]
-    data = data.remove_columns([CHOSEN_REWARDS, REJECTED_REWARDS])
-    return data.add_column(CHOSEN_REWARDS, chosen).add_column(REJECTED_REWARDS, rejected), c
 
 
 # -------------------------------------------------------------------------------------------------- method jobs
