@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import sys
@@ -90,10 +91,16 @@ SIZES = {
     "smoke": Size(train_prompts=12, samples=3, eval_prompts=4, max_new_tokens=16, eval_max_new_tokens=16, epochs=1.0,
                   max_steps=1, batch_size=2, learning_rate=1e-4, lora=True, bf16=False, seeds=(0,), bootstrap=200,
                   gen_batch=16),
-    # the documented CPU size: 1-2 h on a 2-core CPU with 2 workers, depending on what else runs (the estimate printed
-    # at start: 133 min at 128 prompts and 128-token answers on a 2-core CPU with a load average of 5, hence these)
+    # the first CPU size (its dpo/treg_dpo results: docs/real-model-short.json): one epoch of 9 steps at lr 1e-4 left
+    # the policies close to the start (mean DPO loss 0.692, log 2 = 0.693), too little training to compare methods
+    "short": Size(train_prompts=96, samples=4, eval_prompts=64, max_new_tokens=48, eval_max_new_tokens=96,
+                  epochs=1.0, max_steps=0, batch_size=8, learning_rate=1e-4, lora=True, bf16=False, seeds=(0, 1, 2),
+                  bootstrap=1000, gen_batch=64),
+    # the documented CPU size (~70 min on an idle 2-core CPU with 2 workers): the same prompts and pairs as "short",
+    # trained 3 epochs (27 steps of 8 pairs) at lr 3e-4 so that the policies move; fixed after seeing only that
+    # "short" did not train (its loss and displacement), before any run of this size
     "default": Size(train_prompts=96, samples=4, eval_prompts=64, max_new_tokens=48, eval_max_new_tokens=96,
-                    epochs=1.0, max_steps=0, batch_size=8, learning_rate=1e-4, lora=True, bf16=False, seeds=(0, 1, 2),
+                    epochs=3.0, max_steps=0, batch_size=8, learning_rate=3e-4, lora=True, bf16=False, seeds=(0, 1, 2),
                     bootstrap=1000, gen_batch=64),
     # one GPU (bf16, full fine-tune): every covered IFEval prompt, answers long enough for most instructions
     "gpu": Size(train_prompts=2048, samples=8, eval_prompts=0, max_new_tokens=256, eval_max_new_tokens=512, epochs=1.0,
@@ -104,7 +111,8 @@ SIZES = {
 # Fixed before any result was seen. DPO β = 0.1 (the T-REG paper's Llama-3 recipe); α = 0.5, the largest value the
 # paper uses (as bench/credit_assignment.py); SimPO β = 2, γ = 1 (γ/β = 0.5, its Gemma recipe's ratio, the same as
 # bench/credit_assignment.py). LoRA r = 16 on every projection, lr 1e-4: twice the SmolLM2 LoRA recipe's 5e-5, as
-# a CPU run takes only about ten steps; the full fine-tune (GPU) takes the SmolLM2 recipe's 5e-6.
+# a CPU run takes only about ten steps ("short"; "default" trains 3 epochs at 3e-4, see SIZES); the full fine-tune
+# (GPU) takes the SmolLM2 recipe's 5e-6.
 METHODS = {
     "dpo": {**DPO, "treg_alpha": 0.0},
     "treg_dpo": {**DPO, "treg_alpha": ALPHA},
@@ -429,6 +437,50 @@ def _star_run_method(job):
     return run_method(*job)
 
 
+# ------------------------------------------------------------------------------------ finished runs (resuming)
+def run_key(name: str, seed: int, size: Size, fixed: dict) -> str:
+    """What determines one (method, seed) run: the method's settings, the seed, the size's training and answering
+    settings (not its seed list or bootstrap count) and ``fixed`` (model, start weights, pairs, held-out prompts,
+    templates: the same for every run)."""
+    trained = {k: v for k, v in asdict(size).items() if k not in ("seeds", "bootstrap")}
+    what = {"name": name, "method": METHODS[name], "seed": seed, "size": trained,
+            "lora": LORA if size.lora else None, **fixed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_file(runs_dir: str, name: str, seed: int, key: str) -> str:
+    return os.path.join(runs_dir, f"{name}-seed{seed}-{key}.pkl")
+
+
+def save_run(path: str, result: dict) -> None:
+    """Written atomically: a run killed while saving leaves no file, never half of one."""
+    from treg.files import write_atomic
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            pickle.dump(result, f)
+
+    write_atomic(path, write)
+
+
+def load_run(path: str) -> dict | None:
+    """A finished run saved by :func:`save_run`, or None (absent; unreadable ones are set aside and rerun)."""
+    from treg.files import move_aside
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            result = pickle.load(f)
+        if isinstance(result, dict) and {"eval", "logps", "train_loss"} <= set(result):
+            return result
+        reason = "not a finished run"
+    except Exception as e:  # a file from another version, or damaged
+        reason = f"unreadable: {type(e).__name__}: {e}"
+    print(f"  set aside {move_aside(path, reason, what='finished run')} ({reason}); rerunning it", flush=True)
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------- statistics
 def resamples(n_units: int, n_seeds: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Two-level bootstrap draws: per resample the multiplicity of every unit (prompt or pair), ``[B, n_units]``, and
@@ -668,7 +720,7 @@ class BenchError(Exception):
     """A run that cannot give a result (e.g. too few pairs); the message says what to change."""
 
 
-def estimate(size: Size, n_seeds: int, n_eval: int, workers: int) -> dict:
+def estimate(size: Size, n_seeds: int, n_eval: int, workers: int, n_methods: int = len(METHODS)) -> dict:
     """Rough minutes per phase from a short calibration (greedy generation and a forward on the start model)."""
     from treg.scoring import score_completions
 
@@ -682,7 +734,7 @@ def estimate(size: Size, n_seeds: int, n_eval: int, workers: int) -> dict:
     t0 = time.time()
     score_completions(model, items, batch_size=8, pad_token_id=0, show_progress=False)
     fwd = 8 * 110 / (time.time() - t0)
-    pairs, length, runs = 0.8 * size.train_prompts, 70 + size.max_new_tokens, n_seeds * len(METHODS)
+    pairs, length, runs = 0.8 * size.train_prompts, 70 + size.max_new_tokens, n_seeds * n_methods
     steps = size.max_steps * size.batch_size if size.max_steps > 0 else size.epochs * pairs
     minutes = {
         "sampling": size.train_prompts * size.samples * size.max_new_tokens / gen / workers / 60,
@@ -712,29 +764,43 @@ def make_pool(workers: int, spec: str, cache_dir: str | None):
                                                   initializer=init_worker, initargs=(spec, 1, cache_dir))
 
 
-def train_all(pool, seeds, data_dir, held_out, size, times, methods=tuple(METHODS)) -> dict:
-    """Every (method, seed) run, in the pool when there is one; one line per finished run."""
+def train_all(pool, seeds, data_dir, held_out, size, times, methods=tuple(METHODS), runs_dir=None,
+              fixed=None) -> dict:
+    """Every (method, seed) run, in the pool when there is one; one line per finished run. With ``runs_dir``, each
+    finished run is saved there under :func:`run_key` and a saved one is reused instead of trained again, so a
+    killed benchmark resumes where it stopped."""
     from tqdm.auto import tqdm
 
     jobs = [(seed, name, data_dir, held_out, size) for seed in seeds for name in methods]
+    files = {(name, seed): run_file(runs_dir, name, seed, run_key(name, seed, size, fixed or {}))
+             for seed in seeds for name in methods} if runs_dir else {}
     runs = {}
     bar = tqdm(total=len(jobs), desc="methods × seeds", disable=not sys.stderr.isatty())
 
-    def done(r):
+    def done(r, reused=False):
         runs[(r["method"], r["seed"])] = r
+        if files and not reused:
+            save_run(files[(r["method"], r["seed"])], r)
         acc = np.mean([x["follow_all"] for x in r["eval"]])
         bar.update(1)
         print(f"  seed {r['seed']} {r['method']:<11} prompt-level {acc:.3f}  loss {r['train_loss']:.4f}  "
               f"{r['steps']} steps, {r['train_seconds']:.0f} s training, {r['eval_seconds']:.0f} s answering, "
-              f"{r['seconds']:.0f} s in all", flush=True)
+              f"{r['seconds']:.0f} s in all{'  (saved earlier: reused)' if reused else ''}", flush=True)
 
+    todo = []
+    for job in jobs:
+        saved = load_run(files[(job[1], job[0])]) if files else None
+        if saved is not None:
+            done(saved, reused=True)
+        else:
+            todo.append(job)
     if pool is None:
-        for job in jobs:
+        for job in todo:
             done(run_method(*job))
     else:
         import concurrent.futures
 
-        for future in concurrent.futures.as_completed([pool.submit(_star_run_method, job) for job in jobs]):
+        for future in concurrent.futures.as_completed([pool.submit(_star_run_method, job) for job in todo]):
             done(future.result())
     bar.close()
     return runs
@@ -748,7 +814,7 @@ def run(args, size: Size, size_name: str) -> dict:
     backend = backend_for(args.backend)
     init_worker(args.model, 1 if args.workers > 1 else args.threads, args.cache_dir)
     rows, held_out = training_rows(size, args.pair_seed), eval_rows(size, args.ifeval)
-    est = estimate(size, len(seeds), len(held_out), args.workers)
+    est = estimate(size, len(seeds), len(held_out), args.workers, len(args.methods))
     print(f"real-model benchmark: {size_name} {size}, seeds {seeds}, {args.workers} worker(s), backend {backend}\n"
           f"  {len(rows)} training prompts, {len(held_out)} held-out IFEval prompts; estimate (rough, minutes): "
           f"{est}", flush=True)
@@ -773,7 +839,14 @@ def run(args, size: Size, size_name: str) -> dict:
             t0 = phase("start model on held-out prompts", t0, times,
                        f"prompt-level {np.mean([r['follow_all'] for r in start_eval['eval']]):.3f} "
                        f"({start_eval['seconds']:.0f} s of answering, beside the pass when in a worker)")
-            runs = train_all(pool, seeds, data_dir, held_out, size, times, args.methods)
+            fixed = {"model": args.model, "start": _WORKER["start_hash"],
+                     "pairs": pair_stats["fingerprint"], "eval_keys": [r["key"] for r in held_out],
+                     "templates": [DEFAULT_POSITIVE_TEMPLATE, DEFAULT_NEGATIVE_TEMPLATE]}
+            runs_dir = None if args.no_resume else args.runs_dir
+            if runs_dir:
+                print(f"  finished runs are kept in {runs_dir} (a rerun with the same settings reuses them; "
+                      "--no-resume trains every run again)", flush=True)
+            runs = train_all(pool, seeds, data_dir, held_out, size, times, args.methods, runs_dir, fixed)
             t0 = phase("methods", t0, times)
             result = {"seeds": seeds, **summarize(runs, start_eval, data, marks, seeds, size)}
     finally:
@@ -800,6 +873,7 @@ def main(argv=None) -> int:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--smoke", action="store_true", help="a minutes-long run that checks the plumbing (tests)")
     which.add_argument("--gpu", action="store_true", help="the GPU size (bf16, full fine-tune; use --workers 1)")
+    which.add_argument("--size", choices=list(SIZES), default=None, help="a size by name (default: default)")
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the size's)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
@@ -814,6 +888,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ifeval", default=None, help="IFEval input_data.jsonl (default ../shared/data/ifeval)")
     parser.add_argument("--cache-dir", default=None, help="TREG_CACHE_DIR for the workers")
     parser.add_argument("--estimate-only", action="store_true", help="print the time estimate and stop")
+    parser.add_argument("--runs-dir", default=None, help="where finished runs are kept, so that a killed benchmark "
+                        "resumes (default: bench-real-model/ in treg's cache dir)")
+    parser.add_argument("--no-resume", action="store_true", help="train every run again (saved runs are ignored)")
     parser.add_argument("--out", default="real-model.json")
     parser.add_argument("--report", default=None, help="markdown report path (its notes block is kept)")
     parser.add_argument("--report-from", default=None, help="only rewrite --report from this JSON")
@@ -824,12 +901,16 @@ def main(argv=None) -> int:
         write_text_atomic(args.report, report(json.loads(Path(args.report_from).read_text()),
                                               existing_notes(args.report)))
         return 0
-    size_name = "smoke" if args.smoke else "gpu" if args.gpu else "default"
+    size_name = args.size or ("smoke" if args.smoke else "gpu" if args.gpu else "default")
     if args.workers is None:
         import torch
 
         args.workers = 1 if torch.cuda.is_available() else 2
     args.cache_dir = args.cache_dir or os.environ.get("TREG_CACHE_DIR")
+    if args.runs_dir is None:
+        from treg.files import default_cache_dir
+
+        args.runs_dir = os.path.join(args.cache_dir or default_cache_dir(), "bench-real-model")
     try:
         result = run(args, SIZES[size_name], size_name)
     except BenchError as e:
