@@ -130,6 +130,58 @@ def test_sft_chosen_rows_put_the_mean_abs_rhat_on_chosen_and_zero_on_rejected():
     assert out["chosen_ids"] == [[5, 6]]
 
 
+# ------------------------------------------------------------------------------------ finished runs (resuming)
+def _fake_run(seed, name, *rest):
+    return {"seed": seed, "method": name, "eval": [{"follow_all": True}], "logps": {"chosen": [np.zeros(2)]},
+            "start_hash": "s", "train_loss": 0.5 + seed, "steps": 1, "train_seconds": 0.0, "eval_seconds": 0.0,
+            "seconds": 0.0}
+
+
+def test_run_key_follows_what_determines_a_run_and_nothing_else():
+    size, fixed = bench.SIZES["smoke"], {"model": "m", "start": "s", "pairs": "p", "eval_keys": [1], "templates": []}
+    key = bench.run_key("dpo", 0, size, fixed)
+    assert key == bench.run_key("dpo", 0, size, dict(fixed))
+    assert len({key, bench.run_key("dpo", 1, size, fixed), bench.run_key("treg_dpo", 0, size, fixed),
+                bench.run_key("dpo", 0, size, {**fixed, "pairs": "q"}),
+                bench.run_key("dpo", 0, bench.SIZES["default"], fixed)}) == 5
+    # how many seeds are run and how many bootstrap draws are made do not change one run's result
+    more = bench.Size(**{**bench.asdict(size), "seeds": (0, 1, 2), "bootstrap": 5})
+    assert bench.run_key("dpo", 0, more, fixed) == key
+
+
+def test_train_all_saves_finished_runs_and_a_rerun_reuses_them(tmp_path, monkeypatch):
+    size, fixed = bench.SIZES["smoke"], {"pairs": "p"}
+    trained = []
+
+    def run(seed, name, *rest):
+        trained.append((name, seed))
+        return _fake_run(seed, name)
+
+    monkeypatch.setattr(bench, "run_method", run)
+    first = bench.train_all(None, [0, 1], "data", [], size, {}, ("dpo", "treg_dpo"), str(tmp_path), fixed)
+    assert sorted(trained) == [("dpo", 0), ("dpo", 1), ("treg_dpo", 0), ("treg_dpo", 1)]
+    assert len(list(tmp_path.glob("*.pkl"))) == 4
+    trained.clear()
+    # a killed benchmark: one run's file never got written; the rerun trains only that one
+    (tmp_path / Path(bench.run_file(str(tmp_path), "dpo", 1, bench.run_key("dpo", 1, size, fixed))).name).unlink()
+    again = bench.train_all(None, [0, 1], "data", [], size, {}, ("dpo", "treg_dpo"), str(tmp_path), fixed)
+    assert trained == [("dpo", 1)]
+    assert {k: v["train_loss"] for k, v in again.items()} == {k: v["train_loss"] for k, v in first.items()}
+    trained.clear()
+    bench.train_all(None, [0], "data", [], size, {}, ("dpo",), str(tmp_path), {"pairs": "other"})
+    assert trained == [("dpo", 0)], "other pairs: not the same run"
+
+
+def test_a_damaged_saved_run_is_set_aside_and_trained_again(tmp_path):
+    path = tmp_path / "dpo-seed0-x.pkl"
+    path.write_bytes(b"not a pickle")
+    assert bench.load_run(str(path)) is None
+    assert not path.exists() and len(list(tmp_path.glob("dpo-seed0-x.pkl.corrupt-*"))) == 1
+    bench.save_run(str(path), _fake_run(0, "dpo"))
+    assert bench.load_run(str(path))["train_loss"] == 0.5
+    assert bench.load_run(str(tmp_path / "absent.pkl")) is None
+
+
 # ------------------------------------------------------------------------------------------- the real model
 def _require_real_model():
     from treg.evaluation import instructions
@@ -151,7 +203,7 @@ def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real-model")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, str(_PATH), "--smoke", "--workers", "2", "--out", str(tmp / "r.json"),
-           "--report", str(tmp / "r.md")]
+           "--report", str(tmp / "r.md"), "--runs-dir", str(tmp / "runs")]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((tmp / "r.json").read_text()), tmp, done.stdout
@@ -210,6 +262,14 @@ def test_smoke_methods_share_the_start_and_the_pairs(smoke):
     assert any(abs(v) > 0 for m in bench.METHODS for v in result["per_seed"][m]["chosen_logp_change"])
     # the DPO loss at the first step is log 2 whatever the seed (policy = reference)
     assert result["runs"]["dpo/0"]["train_loss"] == pytest.approx(np.log(2), abs=1e-4)
+
+
+def test_smoke_saves_every_finished_run(smoke):
+    result, tmp, _ = smoke
+    files = sorted((tmp / "runs").glob("*.pkl"))
+    assert len(files) == len(bench.METHODS)
+    saved = bench.load_run(str(next(f for f in files if f.name.startswith("dpo-seed0-"))))
+    assert saved["train_loss"] == pytest.approx(result["runs"]["dpo/0"]["train_loss"])
 
 
 def test_smoke_report_has_the_tables_statement_and_keeps_notes(smoke):
