@@ -100,7 +100,6 @@ MEMORY_STEPS = 2
 # freed, so peak RSS tracks the peak of live tensors instead of varying by ~100 MiB with heap fragmentation.
 MEMORY_MMAP_THRESHOLD = "131072"
 RESULT_FILE_ENV = "STEP_OVERHEAD_RESULT"
-HH_FILE = "hh-rlhf-harmless-base-test.jsonl.gz"
 # Peak dense bf16 tensor FLOP/s by device name (vendor data sheets), for MFU; --peak-tflops overrides.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
 
@@ -140,17 +139,16 @@ MODELS = {
 
 
 # ------------------------------------------------------------------------------- children: model, data, trainers
-def shared_data_dir() -> Path:
-    """``../shared/data`` beside the repository (``TREG_SHARED_DATA`` overrides)."""
-    env = os.environ.get("TREG_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 def unavailable(name: str) -> str | None:
     """Why ``name`` cannot be measured here (SmolLM2's tokenizer or the HH file missing), or None."""
     spec = MODELS[name]
-    if spec.data == "hh" and not (shared_data_dir() / HH_FILE).is_file():
-        return f"{shared_data_dir() / HH_FILE} not found (set TREG_SHARED_DATA to the folder holding it)"
+    if spec.data == "hh":
+        from treg.evaluation.data import DataNotFound, hh_rlhf_test
+
+        try:
+            hh_rlhf_test()
+        except DataNotFound as e:
+            return str(e)
     if spec.tokenizer == "smollm2":
         from treg.models import ModelSpecError, resolve_model_spec
 
@@ -225,8 +223,9 @@ def hh_pairs(n: int, tokenizer, max_length: int):
     """The first ``n`` valid HH-RLHF harmless-base test pairs (file order) whose chat-rendered prompt plus longer
     answer fit ``max_length`` (4 tokens to spare for the answer's end-of-turn tokens)."""
     from treg.data import load_preference_dataset
+    from treg.evaluation.data import hh_rlhf_test
 
-    rows = load_preference_dataset(str(shared_data_dir() / HH_FILE), drop_invalid=True)
+    rows = load_preference_dataset(hh_rlhf_test(), drop_invalid=True)
     keep = []
     for i, row in enumerate(rows):
         text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)

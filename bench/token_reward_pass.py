@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -61,7 +60,6 @@ from types import SimpleNamespace
 import torch
 from datasets import Dataset
 
-HH_FILE = "hh-rlhf-harmless-base-test.jsonl.gz"
 # The clock every measurement reads (--clock): wall time, or this process's CPU time (time.process_time), which a
 # busy machine's time-slicing does not inflate (the work runs in this process's threads; on CUDA use wall time).
 CLOCK = [time.perf_counter]
@@ -94,20 +92,17 @@ def build_rows(rows: int, vocab: int, seed: int):
     return data, positive, negative
 
 
-def shared_data_dir() -> Path:
-    """``../shared/data`` beside the repository (``TREG_SHARED_DATA`` overrides)."""
-    env = os.environ.get("TREG_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 def hh_tokenizer():
     """(SmolLM2's tokenizer, None) or (None, why it is not available)."""
     from transformers import AutoTokenizer
 
+    from treg.evaluation.data import DataNotFound, hh_rlhf_test
     from treg.models import ModelSpecError, resolve_model_spec
 
-    if not (shared_data_dir() / HH_FILE).is_file():
-        return None, f"{shared_data_dir() / HH_FILE} not found (set TREG_SHARED_DATA to the folder holding it)"
+    try:
+        hh_rlhf_test()
+    except DataNotFound as e:
+        return None, str(e)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_spec("treg:smollm2", show_progress=False))
     except ModelSpecError as e:
@@ -130,7 +125,9 @@ def hh_rows(rows: int, tokenizer, max_tokens: int):
     def ids(text):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    data = load_preference_dataset(str(shared_data_dir() / HH_FILE), drop_invalid=True)
+    from treg.evaluation.data import hh_rlhf_test
+
+    data = load_preference_dataset(hh_rlhf_test(), drop_invalid=True)
     out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     positive, negative = [], []
     for row in data:

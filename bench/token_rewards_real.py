@@ -172,12 +172,6 @@ class Answer:
     signals: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def shared_data_dir() -> Path:
-    """``../shared/data`` next to the repository (``Path(__file__).parents[2]``), else ``/work/shared/data``."""
-    here = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return here if here.is_dir() else Path("/work/shared/data")
-
-
 def truncate_words(text: str, n: int) -> str:
     """``text`` up to the end of its ``n``-th whitespace-separated word (formatting kept), stripped."""
     words = list(re.finditer(r"\S+", text))
@@ -742,7 +736,9 @@ def run(args, size: Size, size_name: str) -> tuple[dict, list[Answer], object]:
     start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = Path(args.data_dir) if args.data_dir else shared_data_dir()
+    from treg.evaluation.data import find_root
+
+    data = Path(args.data_dir) if args.data_dir else Path(find_root("alpaca-eval", "--data-dir"))
     splits = SPLITS if args.split == "both" else (args.split,)
     answers = build_answers(data, size, args.seed, splits)
     model, tokenizer = load_model(args.model)

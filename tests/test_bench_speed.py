@@ -27,10 +27,13 @@ pass_bench = _load("token_reward_pass")
 
 def _needs_hh():
     """Skip unless SmolLM2's tokenizer (converted into this session's cache once, in-process) and the HH file exist."""
+    from treg.evaluation.data import DataNotFound, hh_rlhf_test
     from treg.models import SMOLLM2_SPEC, ModelUnavailableError, resolve_model_spec
 
-    if not (step_bench.shared_data_dir() / step_bench.HH_FILE).is_file():
-        pytest.skip(f"{step_bench.HH_FILE} is not in {step_bench.shared_data_dir()} on this machine")
+    try:
+        hh_rlhf_test()
+    except DataNotFound as e:
+        pytest.skip(f"HH-RLHF's test pairs are not on this machine: {e}")
     try:
         resolve_model_spec(SMOLLM2_SPEC, show_progress=False)
     except ModelUnavailableError as e:

@@ -42,11 +42,34 @@ def test_manifest_roots_are_env_package_or_relative():
 def test_relative_roots_are_taken_from_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("TREG_EVAL_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert data.data_roots() == [str(tmp_path.parent / "shared" / "data")]
+    # ../shared/data from the working directory, then shared/data beside the checkout holding treg
+    checkout = str((ROOT.parent / "shared" / "data").resolve())
+    assert data.checkout_data_root() == checkout
+    assert data.data_roots() == [str(tmp_path.parent / "shared" / "data"), checkout]
+    monkeypatch.chdir(ROOT)  # the two are the same folder: listed once
+    assert data.data_roots() == [checkout]
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TREG_EVAL_DATA", str(tmp_path / "d"))
     assert data.data_roots()[0] == str(tmp_path / "d")
     with pytest.raises(data.DataNotFound, match="TREG_EVAL_DATA=.* is not a directory"):
         data.resolve("alpaca-eval/x.json", "--reference-outputs")
+
+
+def test_find_root_takes_the_first_root_holding_a_file_or_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d" / "hh").mkdir(parents=True)
+    (tmp_path / "d" / "hh" / "pairs.jsonl").write_text("{}\n")
+    monkeypatch.setenv("TREG_EVAL_DATA", str(tmp_path / "d"))
+    assert data.find_root("hh") == str(tmp_path / "d")
+    assert data.resolve("hh/pairs.jsonl") == str(tmp_path / "d" / "hh" / "pairs.jsonl")
+    with pytest.raises(data.DataNotFound) as e:
+        data.resolve("hh/absent.jsonl")
+    assert str(tmp_path / "d" / "hh" / "absent.jsonl") in str(e.value) and "pass " not in str(e.value)
+    with pytest.raises(data.DataNotFound, match="pass --pairs PATH"):
+        data.resolve("hh/absent.jsonl", "--pairs")
+    name = data.manifest()["hh_rlhf"]["harmless_base_test"]
+    (tmp_path / "d" / name).write_text("")
+    assert data.hh_rlhf_test() == str(tmp_path / "d" / name) and data.hh_rlhf_test("x.jsonl") == "x.jsonl"
 
 
 def test_assets_come_from_the_package_or_the_checkout():

@@ -77,7 +77,7 @@ class TRegConfig(DPOConfig):
     token_reward_model: str | None = _arg(None, "dpo_derived: the trained DPO checkpoint whose log-ratios become r̂.")
     token_reward_scale: float = _arg(1.0, "dpo_derived: s in σ(s·log π_dpo/π_ref) − 0.5.")
     contrastive_positive_template: str = _arg(
-        DEFAULT_POSITIVE_TEMPLATE, "x⁺; contains {prompt}. Default: the plain prompt (chosen on real text, docs/token-rewards-real.md)."
+        DEFAULT_POSITIVE_TEMPLATE, "x⁺; contains {prompt}. Default: the plain prompt (docs/token-rewards-real.md)."
     )
     contrastive_negative_template: str = _arg(
         DEFAULT_NEGATIVE_TEMPLATE, "x⁻: asks for a worse response; contains {prompt}."

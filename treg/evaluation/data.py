@@ -58,8 +58,17 @@ def manifest() -> dict:
         return yaml.safe_load(f)
 
 
+def checkout_data_root() -> str:
+    """``shared/data`` beside the source checkout holding the imported ``treg`` (an editable install from it)."""
+    import treg
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(treg.__file__)))
+    return os.path.normpath(os.path.join(repo, "..", "shared", "data"))
+
+
 def data_roots() -> list[str]:
-    """The manifest's roots as absolute paths, in order (unset variables skipped)."""
+    """The manifest's roots as absolute paths, in order (unset variables skipped), then :func:`checkout_data_root`
+    (so a source checkout finds its data from any working directory)."""
     roots = []
     for root in manifest()["roots"]:
         root = os.path.expanduser(os.path.expandvars(str(root)))
@@ -68,22 +77,30 @@ def data_roots() -> list[str]:
         if root.startswith(PACKAGE_PREFIX):
             root = os.path.join(assets_dir(), root[len(PACKAGE_PREFIX) :])
         roots.append(os.path.normpath(os.path.abspath(root)))  # relative: to the working directory
-    return roots
+    beside = checkout_data_root()
+    return roots + ([beside] if beside not in roots else [])
 
 
-def resolve(relative: str, flag: str) -> str:
-    """The path of a manifest file under the first data root that has it."""
+def find_root(relative: str, flag: str | None = None) -> str:
+    """The first data root that holds ``relative`` (a file or a folder); the error names every place tried and
+    ``flag``, the option that gives the path instead (when there is one)."""
     tried = [os.path.join(root, relative) for root in data_roots()]
-    for path in tried:
-        if os.path.isfile(path):
-            return path
+    for root, path in zip(data_roots(), tried):
+        if os.path.exists(path):
+            return root
     env = os.environ.get("TREG_EVAL_DATA")
     note = "" if not env or os.path.isdir(env) else f" (TREG_EVAL_DATA={env} is not a directory)"
     raise DataNotFound(
-        f"{relative} not found (tried {', '.join(tried) or 'no data root'}){note}; pass {flag} PATH or set "
+        f"{relative} not found (tried {', '.join(tried) or 'no data root'}){note}; "
+        f"{f'pass {flag} PATH or ' if flag else ''}set "
         "TREG_EVAL_DATA to a folder with the layout of eval/data.yaml (relative roots there are taken from the "
         "working directory)."
     )
+
+
+def resolve(relative: str, flag: str | None = None) -> str:
+    """The path of a data file under the first data root that has it (see :func:`find_root`)."""
+    return os.path.join(find_root(relative, flag), relative)
 
 
 def alpaca_reference(path: str | None = None) -> str:
@@ -92,6 +109,11 @@ def alpaca_reference(path: str | None = None) -> str:
 
 def arena_questions(bench: str, path: str | None = None) -> str:
     return path or resolve(manifest()["arena_hard"][bench]["questions"], "--questions")
+
+
+def hh_rlhf_test(path: str | None = None) -> str:
+    """HH-RLHF's harmless-base test pairs (treg's preference-data format reads them as they are)."""
+    return path or resolve(manifest()["hh_rlhf"]["harmless_base_test"])
 
 
 def arena_baselines(bench: str, paths: list[str] | None = None) -> list[str]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import random
 import re
 from collections.abc import Callable
@@ -474,21 +473,10 @@ def parse_instructions(row: dict, *, supported_only: bool = False) -> list[Instr
 
 
 def ifeval_path(path: str | None = None) -> str:
-    """The IFEval input file: ``path``, else ``ifeval/input_data.jsonl`` under the data roots of eval/data.yaml
-    (``$TREG_EVAL_DATA``, ``../shared/data`` from the working directory), else ``../shared/data`` beside the
-    repository holding treg."""
-    if path:
-        return path
-    try:
-        return data.resolve(IFEVAL_FILE, "--ifeval")
-    except data.DataNotFound as err:
-        import treg
-
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(treg.__file__)))
-        beside = os.path.normpath(os.path.join(repo, "..", "shared", "data", IFEVAL_FILE))
-        if os.path.isfile(beside):
-            return beside
-        raise data.DataNotFound(f"{err} (also tried {beside}; or call load_ifeval(path))") from None
+    """The IFEval input file: ``path``, else ``ifeval/input_data.jsonl`` under the data roots
+    (:func:`treg.evaluation.data.data_roots`: ``$TREG_EVAL_DATA``, ``../shared/data`` from the working directory,
+    ``shared/data`` beside the checkout holding treg)."""
+    return path or data.resolve(IFEVAL_FILE, "--ifeval")
 
 
 def load_ifeval(path: str | None = None, *, supported_only: bool = True) -> list[dict]:
