@@ -47,7 +47,6 @@ import json
 import math
 import os
 import pickle
-import platform
 import random
 import sys
 import tempfile
@@ -63,6 +62,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other benches' pieces, below
 from credit_assignment import ALPHA, DPO, SIMPO  # noqa: E402  (the same β, α, γ as the toy benchmark)
 from credit_assignment import sft_reg_data as sft_chosen_data  # noqa: E402
+from token_rewards_real import machine  # noqa: E402  (the platform, CPUs, torch and load average of a result)
 
 MODEL = "treg:smollm2"
 
@@ -714,15 +714,6 @@ def existing_notes(path: str | None) -> str:
     return "*(findings: written by hand between the notes markers; kept when the report is regenerated)*"
 
 
-def machine() -> dict:
-    import torch
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
-            "load_average_at_end": [round(x, 1) for x in load] if load else None}
-
-
 # --------------------------------------------------------------------------------------------------------- run
 class BenchError(Exception):
     """A run that cannot give a result (e.g. too few pairs); the message says what to change."""
@@ -815,6 +806,8 @@ def train_all(pool, seeds, data_dir, held_out, size, times, methods=tuple(METHOD
 
 
 def run(args, size: Size, size_name: str) -> dict:
+    import torch
+
     from treg.token_rewards.contrastive import DEFAULT_NEGATIVE_TEMPLATE, DEFAULT_POSITIVE_TEMPLATE
 
     start, times = time.time(), {}
@@ -871,7 +864,7 @@ def run(args, size: Size, size_name: str) -> dict:
         "eval_keys": [r["key"] for r in held_out], "start_hash": "/".join(sorted(hashes)), "backend": backend,
         "templates": [DEFAULT_POSITIVE_TEMPLATE, DEFAULT_NEGATIVE_TEMPLATE], "sft_c": sft_c, "workers": args.workers,
         "estimate_minutes": est, "phase_seconds": times, "seconds": time.time() - start, "out": args.out,
-        "machine": machine(),
+        "machine": machine(torch),
     }
     return result
 
