@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from treg.scoring import label_logps, last_logits
+
 logger = logging.getLogger(__name__)
 
 Group = tuple[Sequence[int], Sequence[Sequence[int]]]  # (context ids, the completions that share it)
@@ -291,9 +293,7 @@ def _scored_logps(parts, kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     values = []
     for start in range(0, targets.numel(), SCORED_CHUNK):
-        logits = head(states[start : start + SCORED_CHUNK]).float()
-        chunk = targets[start : start + SCORED_CHUNK]
-        values.append(logits.gather(-1, chunk[:, None]).squeeze(-1) - logits.logsumexp(-1))
+        values.append(label_logps(head(states[start : start + SCORED_CHUNK]), targets[start : start + SCORED_CHUNK]))
     if values:
         out[where] = torch.cat(values)
     return out
@@ -309,15 +309,10 @@ def _logits_logps(model, kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
     scored = (labels != -100).any(0).nonzero()
     width = labels.size(1)
     keep = width - int(scored[0]) if len(scored) else 1
-    try:
-        logits = model(**kwargs, logits_to_keep=keep).logits[:, -keep:]  # [R, keep, V]
-    except TypeError:  # architectures without logits_to_keep
-        logits = model(**kwargs).logits[:, -keep:]
+    logits = last_logits(model, kwargs, keep)  # [R, keep, V]
     kept = labels[:, -keep:]
-    rows = []
-    for r in range(logits.size(0)):  # one row at a time: a float32 copy of one row's logits, not the batch's
-        row = logits[r].float()
-        rows.append(row.gather(-1, kept[r].clamp(min=0)[:, None]).squeeze(-1) - row.logsumexp(-1))
+    # one row at a time: a float32 copy of one row's logits, not the batch's
+    rows = [label_logps(logits[r], kept[r].clamp(min=0)) for r in range(logits.size(0))]
     out = torch.stack(rows).masked_fill(kept == -100, 0.0)
     return torch.cat([out.new_zeros(out.size(0), width - keep), out], dim=1)
 

@@ -58,6 +58,21 @@ def _batches(order: list[int], items: Sequence[Item], batch_size: int, max_batch
         yield batch
 
 
+def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] in float32, for ``logits [..., V]`` and valid token ids ``labels [...]``."""
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def last_logits(model, kwargs: dict, keep: int) -> torch.Tensor:
+    """``[B, keep, V]``: the logits of the last ``keep`` positions, projected through the LM head at those positions
+    only where the model takes ``logits_to_keep``."""
+    try:
+        return model(**kwargs, logits_to_keep=keep).logits[:, -keep:]
+    except TypeError:  # architectures without logits_to_keep
+        return model(**kwargs).logits[:, -keep:]
+
+
 def _forward_completion_logps(model, rows: list[Item], pad_token_id: int, device) -> list[np.ndarray]:
     """One left-padded forward; returns log p(completion_t | context, completion_<t) for each row."""
     seqs = [list(ctx) + list(comp) for ctx, comp in rows]
@@ -71,19 +86,15 @@ def _forward_completion_logps(model, rows: list[Item], pad_token_id: int, device
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    try:
-        logits = model(**kwargs, logits_to_keep=keep).logits  # [B, keep, V]
-    except TypeError:  # architectures without logits_to_keep
-        logits = model(**kwargs).logits[:, -keep:]
+    logits = last_logits(model, kwargs, keep)  # [B, keep, V]
     out = []
     for r, (_, comp) in enumerate(rows):
         n = len(comp)
         if n == 0:
             out.append(np.zeros(0, dtype=np.float32))
             continue
-        row_logits = logits[r, keep - 1 - n : keep - 1].float()  # [n, V] predicting the n completion tokens
-        targets = input_ids[r, width - n :]
-        logps = row_logits.gather(-1, targets[:, None]).squeeze(-1) - row_logits.logsumexp(-1)
+        # logits [n, V] predicting the n completion tokens
+        logps = label_logps(logits[r, keep - 1 - n : keep - 1], input_ids[r, width - n :])
         out.append(logps.cpu().numpy().astype(np.float32))
     return out
 
