@@ -1,8 +1,11 @@
 """T-REG vs DPO (and SimPO-REG vs SimPO) on a real model: SmolLM2-135M-Instruct on verifiable instructions, scored on
 IFEval's real prompts.
 
-    python bench/real_model.py [--smoke | --gpu] [--seeds 0 1 2] [--workers 2]
-        [--out docs/real-model.json] [--report docs/real-model.md]
+    python bench/real_model.py [--smoke | --gpu | --size NAME] [--seeds 0 1 2] [--workers 2]
+        [--out docs/real-model.json] [--report docs/real-model.md] [--runs-dir DIR | --no-resume]
+
+Each finished (method, seed) run is saved under ``--runs-dir`` (default: ``bench-real-model/`` in treg's cache) with
+a key of everything that determines it, so the same command after a crash or a kill trains only the missing runs.
 
 The task (:mod:`treg.evaluation.instructions`): prompts carrying IFEval-style verifiable instructions (no commas, all
 lowercase, forbidden words, keyword counts, end phrase, word and sentence limits, ...), checked by treg's own
