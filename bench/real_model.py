@@ -33,7 +33,9 @@ checkers, which also give the character spans that break an instruction (mapped 
    implicit token reward of DPO up to the constant β: which tokens training took credit away from), its
    rejected-only variant, ``token_auc_logp`` (of −log π_θ, SimPO's implicit reward up to length normalisation), and
    the displacement of likelihood: ``chosen_logp_change`` and ``rejected_logp_change``, the mean over pairs of
-   Σ_t (log π_θ − log π_ref) on the chosen (rejected) response. The token-reward pass's r̂ is scored the same way
+   Σ_t (log π_θ − log π_ref) on the chosen (rejected) response; ``rhat_corr``, the rank correlation over answer
+   tokens of log π_θ − log π_ref with the pass's r̂ (what T-REG's regularizer pulls the former toward: it should
+   rise with T-REG if the regularizer does its job, whatever r̂ is worth). The token-reward pass's r̂ is scored the same way
    (``rhat_auc``), with the reference's own log-probabilities as a baseline (``ref_logp_auc``).
 
 Every mean is over seeds; its 95% CI comes from a two-level bootstrap (seeds resampled with replacement, and the
@@ -131,7 +133,8 @@ EVAL_SEED = 1234  # which IFEval prompts the CPU sizes keep (the same for every 
 CHUNK = 32  # prompts per sampling job (each with its own seed, so the pairs do not depend on --workers)
 TIE_BREAK = 1e-4  # score = share of instructions followed − TIE_BREAK × violation tokens
 EVAL_METRICS = ("prompt_level", "instruction_level", "eval_truncated")
-TOKEN_METRICS = ("token_auc", "token_auc_rejected", "token_auc_logp", "chosen_logp_change", "rejected_logp_change")
+TOKEN_METRICS = ("token_auc", "token_auc_rejected", "token_auc_logp", "rhat_corr", "chosen_logp_change",
+                 "rejected_logp_change")
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
@@ -540,12 +543,36 @@ def auc_values(signal: dict, marks: dict, weights: np.ndarray, sides=("chosen", 
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def token_values(logps: dict, ref: dict, marks: dict, weights: np.ndarray) -> dict[str, np.ndarray]:
+def ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    order = np.empty(len(values))
+    order[values.argsort(kind="stable")] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, weights=order) / counts)[inverse]
+
+
+def rank_correlation(a: dict, b: dict, marks: dict, weights: np.ndarray) -> np.ndarray:
+    """The correlation over the answer tokens (chosen and rejected) of the ranks of two per-token signals, each token
+    weighted by its pair's multiplicity in each row of ``weights`` ``[B, n_pairs]`` (the ranks are taken once, over
+    every token, ties sharing their mean rank: Spearman's ρ for the unit weights)."""
+    idx, _, mask = token_table(marks)
+    flat = [np.concatenate([np.asarray(v, dtype=np.float64) for s in ("chosen", "rejected") for v in x[s]])[mask]
+            for x in (a, b)]  # fmt: skip
+    x, y = (ranks(v) for v in flat)
+    w = weights[:, idx]  # [B, tokens]
+    total = w.sum(1, keepdims=True)
+    mx, my = (w @ x)[:, None] / total, (w @ y)[:, None] / total
+    cov = (w * (x - mx) * (y - my)).sum(1)
+    return cov / np.sqrt((w * (x - mx) ** 2).sum(1) * (w * (y - my) ** 2).sum(1))
+
+
+def token_values(logps: dict, ref: dict, marks: dict, weights: np.ndarray, rhat: dict) -> dict[str, np.ndarray]:
     ratio = {s: [np.asarray(p, dtype=np.float64) - np.asarray(r, dtype=np.float64) for p, r in zip(logps[s], ref[s])]
              for s in ("chosen", "rejected")}
     total = weights.sum(1)
     change = {s: np.array([v.sum() for v in ratio[s]]) for s in ratio}
     return {
+        "rhat_corr": rank_correlation(ratio, rhat, marks, weights),
         "token_auc": auc_values(ratio, marks, weights),
         "token_auc_rejected": auc_values(ratio, marks, weights, ("rejected",)),
         "token_auc_logp": auc_values(logps, marks, weights),
@@ -568,15 +595,15 @@ def summarize(runs: dict, start: dict, data, marks: dict, seeds: list[int], size
     w_pairs, _ = resamples(n_pairs, len(seeds), size.bootstrap, seed=2)
     one_p, one_t = np.ones((1, n_prompts)), np.ones((1, n_pairs))
     ref = {"chosen": list(data[REF_CHOSEN]), "rejected": list(data[REF_REJECTED])}
+    rhat = {"chosen": list(data[CHOSEN_REWARDS]), "rejected": list(data[REJECTED_REWARDS])}
     points, boots = {}, {}
     for name in METHODS:
         if not all((name, s) in runs for s in seeds):
             continue
         rs = [runs[(name, s)] for s in seeds]
-        points[name] = {**per_seed_stack([eval_values(r["eval"], one_p) for r in rs], EVAL_METRICS),
-                        **per_seed_stack([token_values(r["logps"], ref, marks, one_t) for r in rs], TOKEN_METRICS)}
-        boots[name] = {**per_seed_stack([eval_values(r["eval"], w_prompts) for r in rs], EVAL_METRICS),
-                       **per_seed_stack([token_values(r["logps"], ref, marks, w_pairs) for r in rs], TOKEN_METRICS)}
+        for out, wp, wt in ((points, one_p, one_t), (boots, w_prompts, w_pairs)):
+            out[name] = {**per_seed_stack([eval_values(r["eval"], wp) for r in rs], EVAL_METRICS),
+                         **per_seed_stack([token_values(r["logps"], ref, marks, wt, rhat) for r in rs], TOKEN_METRICS)}
     single = np.zeros((size.bootstrap, 1), dtype=np.int64)
     start_point, start_boot = eval_values(start["eval"], one_p), eval_values(start["eval"], w_prompts)
     methods = {"start": {m: summary(start_point[m], start_boot[m][None], single) for m in EVAL_METRICS}}
@@ -589,7 +616,6 @@ def summarize(runs: dict, start: dict, data, marks: dict, seeds: list[int], size
         if a in points and b in points:
             differences[f"{a}-{b}"] = {m: summary(points[a][m][:, 0] - points[b][m][:, 0],
                                                   boots[a][m] - boots[b][m], draws) for m in points[a]}
-    rhat = {"chosen": list(data[CHOSEN_REWARDS]), "rejected": list(data[REJECTED_REWARDS])}
     token_rewards = {}
     for label, signal in (("rhat_auc", rhat), ("ref_logp_auc", ref)):
         for suffix, sides in (("", ("chosen", "rejected")), ("_rejected", ("rejected",))):
@@ -617,6 +643,7 @@ NOTES_BEGIN, NOTES_END = "<!-- notes: kept when the report is rewritten -->", "<
 LABELS = {"prompt_level": "IFEval prompt-level acc.", "instruction_level": "instruction-level acc.",
           "eval_truncated": "answers at the token budget", "token_auc": "token AUC (log π/π_ref)",
           "token_auc_rejected": "token AUC, rejected only", "token_auc_logp": "token AUC (log π)",
+          "rhat_corr": "ρ(log π/π_ref, r̂)",
           "chosen_logp_change": "Δ log π(chosen)", "rejected_logp_change": "Δ log π(rejected)",
           "train_loss": "train loss", "rhat_auc": "r̂ (treg's default templates)",
           "ref_logp_auc": "log π_ref (surprisal baseline)", "rhat_auc_rejected": "r̂, rejected answers only",

@@ -94,6 +94,26 @@ def test_token_aucs_match_the_rank_auc_on_answer_tokens_only():
     assert bench.auc_values(signal, marks, np.ones((1, 1)), ("rejected",))[0] == pytest.approx(0.5)
 
 
+def test_ranks_share_ties_and_rank_correlation_is_spearman_with_pair_weights():
+    assert bench.ranks(np.array([3.0, 1.0, 3.0, 2.0])) == pytest.approx([3.5, 1.0, 3.5, 2.0])
+    marks = {"chosen": {"flags": [[False] * 3, [False] * 2], "answer": [[True, True, False], [True, True]]},
+             "rejected": {"flags": [[False] * 2, [False]], "answer": [[True, True], [True]]}}
+    a = {"chosen": [np.array([0.1, 0.5, 9.0]), np.array([0.3, -1.0])],
+         "rejected": [np.array([2.0, 0.0]), np.array([1.0])]}
+    b = {"chosen": [np.array([1.0, 2.0, -9.0]), np.array([1.5, 0.0])],
+         "rejected": [np.array([4.0, 0.5]), np.array([3.0])]}
+    # answer tokens, chosen then rejected (the end token of chosen pair 0 is left out): a and b rank alike but one swap
+    x = np.array([0.1, 0.5, 0.3, -1.0, 2.0, 0.0, 1.0])
+    y = np.array([1.0, 2.0, 1.5, 0.0, 4.0, 0.5, 3.0])
+    assert bench.rank_correlation(a, b, marks, np.ones((1, 2)))[0] == pytest.approx(
+        np.corrcoef(bench.ranks(x), bench.ranks(y))[0, 1])
+    # a pair drawn twice weighs its tokens twice: the same as repeating them (ranks taken over every token once)
+    rx, ry = bench.ranks(x), bench.ranks(y)
+    twice = np.corrcoef(np.r_[rx, rx[[2, 3, 6]]], np.r_[ry, ry[[2, 3, 6]]])
+    assert bench.rank_correlation(a, b, marks, np.array([[1.0, 2.0]]))[0] == pytest.approx(twice[0, 1])
+    assert bench.rank_correlation(a, a, marks, np.ones((1, 2)))[0] == pytest.approx(1.0)
+
+
 def test_summary_means_over_seeds_and_a_constant_has_a_point_interval():
     point = np.array([0.2, 0.4])
     boot = np.array([[0.2] * 50, [0.4] * 50])
