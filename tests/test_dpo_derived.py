@@ -69,3 +69,31 @@ def test_same_model_gives_zero_rewards_and_missing_ref_columns_error(tiny, tmp_p
     assert max(abs(v) for row in list(ds[CHOSEN_REWARDS]) + list(ds[REJECTED_REWARDS]) for v in row) < 1e-4
     with pytest.raises(TokenRewardError, match="reference"):
         attach_dpo_derived_rewards(ds.remove_columns([REF_CHOSEN]), model, tokenizer, max_length=None)
+
+
+def test_the_dpo_checkpoint_may_be_any_model_spec_and_a_lora_adapter_folder(tiny, tmp_path):
+    """token_reward_model loads as treg loads any model: ``treg:tiny`` (the policy itself: r̂ = 0), and the adapter
+    folder a LoRA DPO run saves (merged into its base, so r̂ follows the adapted weights)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer, _ = tiny
+    config = _config(tmp_path, token_reward_source="dpo_derived", token_reward_model="treg:tiny")
+    trainer = TRegTrainer(copy.deepcopy(model), args=config, train_dataset=make_pairs(3, seed=2),
+                          processing_class=tokenizer)
+    rewards = list(trainer.train_dataset[CHOSEN_REWARDS]) + list(trainer.train_dataset[REJECTED_REWARDS])
+    assert max(abs(v) for row in rewards for v in row) < 1e-4
+
+    adapted = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "dpo-lora")
+    merged = copy.deepcopy(adapted).merge_and_unload().eval()
+    config = _config(tmp_path, token_reward_source="dpo_derived", token_reward_model=str(tmp_path / "dpo-lora"))
+    ds = TRegTrainer(copy.deepcopy(model), args=config, train_dataset=make_pairs(3, seed=2),
+                     processing_class=tokenizer).train_dataset
+    expected = attach_dpo_derived_rewards(ds.remove_columns([CHOSEN_REWARDS, REJECTED_REWARDS]), merged, tokenizer,
+                                          max_length=1024, show_progress=False)
+    assert max(abs(v) for row in ds[CHOSEN_REWARDS] for v in row) > 1e-3, "the adapter changes the model"
+    for col in (CHOSEN_REWARDS, REJECTED_REWARDS):
+        for got, want in zip(ds[col], expected[col], strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+

@@ -75,9 +75,11 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     show_progress: bool = True,
     inference: bool = False,
+    with_tokenizer: bool = True,
     **model_kwargs,
 ):
-    """``(model, tokenizer)`` for a model spec (see the module docstring).
+    """``(model, tokenizer)`` for a model spec (see the module docstring); ``with_tokenizer=False``: ``(model, None)``,
+    for models scored on another model's token ids (a folder then needs no tokenizer files).
 
     ``dtype`` (a ``torch.dtype`` or ``"auto"``) and ``model_kwargs`` (e.g. ``attn_implementation``) go to
     ``from_pretrained``; they do not apply to ``treg:tiny``, which is float32. ``device`` moves the model there.
@@ -89,7 +91,8 @@ def load_causal_lm(
     A PEFT adapter folder loads as its base with the adapter merged in (:func:`load_adapter_folder`).
     """
     adapter = load_adapter_folder(spec, dtype=dtype, device=device, revision=revision, show_progress=show_progress,
-                                  trust_remote_code=trust_remote_code, inference=inference, **model_kwargs)
+                                  trust_remote_code=trust_remote_code, inference=inference,
+                                  with_tokenizer=with_tokenizer, **model_kwargs)
     if adapter is not None:
         return adapter
     if inference:
@@ -101,15 +104,17 @@ def load_causal_lm(
 
         model, tokenizer, _ = load_tiny_model(show_progress=show_progress)
     else:
-        check_model_spec(spec)
+        check_model_spec(spec, tokenizer=with_tokenizer)
         path = resolve_model_spec(spec, show_progress=show_progress)
         kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
         if dtype is not None:
             model_kwargs["dtype"] = dtype
-        model, tokenizer = _from_pretrained(path, spec, kwargs, model_kwargs)
+        model, tokenizer = _from_pretrained(path, spec, kwargs, model_kwargs, with_tokenizer)
         # A converted GGUF keeps its cache folder as name (weights_path finds the weights there); others the spec.
         model.config.name_or_path = path if path != spec and os.path.isdir(path) else spec
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+    if not with_tokenizer:
+        tokenizer = None
+    elif tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:
         model = model.to(device)
@@ -145,7 +150,7 @@ def load_adapter_folder(spec, **load_kwargs):
                              f"cannot be loaded: {e}") from e
     model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     model.config.name_or_path = folder  # weights_stamp(folder) then keys caches on the adapter's files
-    if set(os.listdir(folder)) & set(TOKENIZER_FILES):
+    if load_kwargs.get("with_tokenizer", True) and set(os.listdir(folder)) & set(TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -205,9 +210,9 @@ def check_model_spec(spec, setting: str = "model", tokenizer: bool = True) -> No
             )
 
 
-def _from_pretrained(path: str, spec: str, kwargs: dict, model_kwargs: dict):
-    """``(model, tokenizer)`` from a folder or hub id; a file that cannot be read (truncated weights, broken tokenizer
-    files, an offline hub) raises :class:`ModelSpecError` naming the spec and, where found, the file."""
+def _from_pretrained(path: str, spec: str, kwargs: dict, model_kwargs: dict, with_tokenizer: bool = True):
+    """``(model, tokenizer or None)`` from a folder or hub id; a file that cannot be read (truncated weights, broken
+    tokenizer files, an offline hub) raises :class:`ModelSpecError` naming the spec and, where found, the file."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,6 +220,8 @@ def _from_pretrained(path: str, spec: str, kwargs: dict, model_kwargs: dict):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **model_kwargs)
     except (OSError, ValueError, EOFError, SafetensorError) as e:
         raise ModelSpecError(_load_failure(spec, path, "the model", e)) from e
+    if not with_tokenizer:
+        return model, None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, EOFError) as e:

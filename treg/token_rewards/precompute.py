@@ -483,7 +483,8 @@ def _place(run: PassRun):
 
 
 def load_dpo_model(run: PassRun):
-    """The DPO checkpoint ``token_reward_model`` for DPO-derived r̂: a vLLM scorer or an HF model in eval mode."""
+    """The DPO checkpoint ``token_reward_model`` for DPO-derived r̂: a vLLM scorer or an HF model in eval mode (loaded
+    as :func:`treg.models.load_causal_lm` loads any model spec, so a LoRA run's adapter folder works too)."""
     s, dist = run.settings, run.dist
     backend = choose_backend(
         s.token_reward_backend, num_processes=dist.num_processes, model_path=s.token_reward_model,
@@ -493,11 +494,9 @@ def load_dpo_model(run: PassRun):
         return VLLMScorer.from_pretrained(
             s.token_reward_model, dtype=_vllm_dtype(run.model), gpu_memory_utilization=s.token_reward_vllm_gpu_memory
         )
-    from transformers import AutoModelForCausalLM
-
     dtype, device = _place(run)
-    with dist.no_partition():
-        model = AutoModelForCausalLM.from_pretrained(s.token_reward_model, dtype=dtype)
+    with dist.no_partition():  # any model spec: a folder, a hub id, a PEFT adapter folder (merged), treg:*, GGUF
+        model, _ = load_causal_lm(s.token_reward_model, show_progress=False, dtype=dtype, with_tokenizer=False)
     return model.to(device).eval()
 
 
