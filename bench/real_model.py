@@ -35,8 +35,8 @@ checkers, which also give the character spans that break an instruction (mapped 
    the displacement of likelihood: ``chosen_logp_change`` and ``rejected_logp_change``, the mean over pairs of
    Σ_t (log π_θ − log π_ref) on the chosen (rejected) response; ``rhat_corr``, the rank correlation over answer
    tokens of log π_θ − log π_ref with the pass's r̂ (what T-REG's regularizer pulls the former toward: it should
-   rise with T-REG if the regularizer does its job, whatever r̂ is worth). The token-reward pass's r̂ is scored the same way
-   (``rhat_auc``), with the reference's own log-probabilities as a baseline (``ref_logp_auc``).
+   rise with T-REG if the regularizer does its job, whatever r̂ is worth). The token-reward pass's r̂ is scored the
+   same way (``rhat_auc``), with the reference's own log-probabilities as a baseline (``ref_logp_auc``).
 
 Every mean is over seeds; its 95% CI comes from a two-level bootstrap (seeds resampled with replacement, and the
 held-out prompts, or the training pairs for token metrics, resampled with replacement; the same resamples for every
@@ -711,6 +711,16 @@ def report(result: dict, notes: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reused_note(result: dict) -> str:
+    """How much of the run time was spent in earlier invocations (runs reused from ``--runs-dir``)."""
+    reused = [r for r in result["runs"].values() if r.get("reused")]
+    if not reused:
+        return ""
+    minutes = sum(r["seconds"] for r in result["runs"].values()) / 60
+    return (f"; {len(reused)} of {len(result['runs'])} method runs reused from an earlier invocation with the same "
+            f"settings (every run's own time in the JSON's runs: {minutes:.0f} worker-minutes in all)")
+
+
 def settings_section(result: dict) -> list[str]:
     s, p = result["settings"], result["pairs"]
     m = s["machine"]
@@ -729,7 +739,8 @@ def settings_section(result: dict) -> list[str]:
         f"* start weights {s['start_hash']} (every method, every seed); pairs fingerprint {p['fingerprint']}",
         f"* token-reward pass: treg's default contrastive templates, x⁺ {json.dumps(s['templates'][0])}, x⁻ "
         f"{json.dumps(s['templates'][1])}; sft_chosen's constant c = {s['sft_c']:.4f}",
-        f"* run time {s['seconds'] / 60:.1f} min ({json.dumps(s['phase_seconds'])}), {s['workers']} worker(s); "
+        f"* run time {s['seconds'] / 60:.1f} min ({json.dumps(s['phase_seconds'])}){reused_note(result)}, "
+        f"{s['workers']} worker(s); "
         f"backend {s['backend']}; machine: {m['processor']}, {m['cpus']} CPUs, CUDA {m['cuda']}, torch {m['torch']}, "
         f"load average at the end {m['load_average_at_end']}", ""]
 
@@ -820,7 +831,7 @@ def train_all(pool, seeds, data_dir, held_out, size, times, methods=tuple(METHOD
     for job in jobs:
         saved = load_run(files[(job[1], job[0])]) if files else None
         if saved is not None:
-            done(saved, reused=True)
+            done({**saved, "reused": True}, reused=True)
         else:
             todo.append(job)
     if pool is None:
@@ -886,7 +897,8 @@ def run(args, size: Size, size_name: str) -> dict:
     hashes = {start_eval["start_hash"], *(r["start_hash"] for r in runs.values())}
     result["pairs"] = pair_stats
     result["runs"] = {f"{n}/{s}": {"start_hash": r["start_hash"], "steps": r["steps"], "train_loss": r["train_loss"],
-                                   "seconds": round(r["seconds"], 1)} for (n, s), r in sorted(runs.items())}
+                                   "seconds": round(r["seconds"], 1), "reused": bool(r.get("reused"))}
+                      for (n, s), r in sorted(runs.items())}
     result["settings"] = {
         "model": args.model, "size_name": size_name, "size": asdict(size), "pair_seed": args.pair_seed,
         "methods": METHODS, "trained": list(args.methods),
