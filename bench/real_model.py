@@ -585,6 +585,25 @@ def per_seed_stack(values: list[dict[str, np.ndarray]], metrics) -> dict[str, np
     return {m: np.stack([v[m] for v in values]) for m in metrics}
 
 
+def by_instruction(held_out: list[dict], start: dict, runs: dict, seeds: list[int]) -> dict:
+    """Descriptive: per instruction type of the held-out prompts, how many instructions carry it and the share
+    followed by the start model and by each method (mean over seeds; no CI, the counts are small)."""
+    ids = [i for row in held_out for i in row["instruction_id_list"]]
+    counts = {i: ids.count(i) for i in sorted(set(ids))}
+
+    def shares(results: list[dict]) -> dict[str, float]:
+        followed = [f for r in results for f in r["follow"]]
+        return {i: float(np.mean([f for f, j in zip(followed, ids) if j == i])) for i in counts}
+
+    out = {i: {"n": n, "start": v} for (i, n), v in zip(counts.items(), shares(start["eval"]).values())}
+    for name in METHODS:
+        if all((name, seed) in runs for seed in seeds):
+            per_seed = [shares(runs[(name, seed)]["eval"]) for seed in seeds]
+            for i in counts:
+                out[i][name] = float(np.mean([p[i] for p in per_seed]))
+    return out
+
+
 def summarize(runs: dict, start: dict, data, marks: dict, seeds: list[int], size: Size) -> dict:
     """The JSON's ``methods``, ``differences``, ``token_rewards`` and ``per_seed`` from the runs ``{(name, seed):
     run_method's result}``, the start model's held-out results and the pass-annotated pairs."""
@@ -699,6 +718,7 @@ def report(result: dict, notes: str) -> str:
         *table(result["methods"], metrics_eval), "",
         "## Token credit and likelihood displacement (training pairs' answer tokens)", "",
         *table({k: v for k, v in result["methods"].items() if k != "start"}, metrics_tok), "",
+        *instruction_table(result.get("by_instruction")),
         "## Paired differences", "",
         *table(result["differences"], metrics_eval + list(TOKEN_METRICS), sign=True, first="difference"), "",
         "## Token rewards on the training pairs' violation tokens", "",
@@ -709,6 +729,16 @@ def report(result: dict, notes: str) -> str:
         *[f"| {LABELS.get(k, k)} | {cell(v)} |" for k, v in result["token_rewards"].items()], "",
         *settings_section(result)]
     return "\n".join(lines) + "\n"
+
+
+def instruction_table(rows: dict | None) -> list[str]:
+    if not rows:
+        return []
+    names = [k for k in next(iter(rows.values())) if k != "n"]
+    return ["## Held-out instruction-level accuracy by instruction type (descriptive)", "",
+            "Share of the held-out instructions of each type that were followed (mean over seeds; no CI: n is small).",
+            "", "| instruction | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names),
+            *[f"| {i} | {r['n']} | " + " | ".join(f"{r[k]:.2f}" for k in names) + " |" for i, r in rows.items()], ""]
 
 
 def reused_note(result: dict) -> str:
@@ -890,7 +920,8 @@ def run(args, size: Size, size_name: str) -> dict:
                       "--no-resume trains every run again)", flush=True)
             runs = train_all(pool, seeds, data_dir, held_out, size, times, args.methods, runs_dir, fixed)
             t0 = phase("methods", t0, times)
-            result = {"seeds": seeds, **summarize(runs, start_eval, data, marks, seeds, size)}
+            result = {"seeds": seeds, **summarize(runs, start_eval, data, marks, seeds, size),
+                      "by_instruction": by_instruction(held_out, start_eval, runs, seeds)}
     finally:
         if pool is not None:
             pool.shutdown()

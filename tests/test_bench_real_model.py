@@ -114,6 +114,19 @@ def test_ranks_share_ties_and_rank_correlation_is_spearman_with_pair_weights():
     assert bench.rank_correlation(a, a, marks, np.ones((1, 2)))[0] == pytest.approx(1.0)
 
 
+def test_by_instruction_counts_and_shares_by_hand():
+    held_out = [{"instruction_id_list": ["a", "b"]}, {"instruction_id_list": ["a"]}]
+    start = {"eval": [{"follow": [False, True]}, {"follow": [False]}]}
+    runs = {("dpo", 0): {"eval": [{"follow": [True, True]}, {"follow": [False]}]},
+            ("dpo", 1): {"eval": [{"follow": [True, False]}, {"follow": [True]}]},
+            ("simpo", 0): {"eval": [{"follow": [True, True]}, {"follow": [True]}]}}  # one seed of two: left out
+    got = bench.by_instruction(held_out, start, runs, [0, 1])
+    assert got == {"a": {"n": 2, "start": 0.0, "dpo": pytest.approx(0.75)},
+                   "b": {"n": 1, "start": 1.0, "dpo": pytest.approx(0.5)}}
+    table = bench.instruction_table(got)
+    assert "| a | 2 | 0.00 | 0.75 |" in table and "| b | 1 | 1.00 | 0.50 |" in table
+
+
 def test_summary_means_over_seeds_and_a_constant_has_a_point_interval():
     point = np.array([0.2, 0.4])
     boot = np.array([[0.2] * 50, [0.4] * 50])
@@ -297,6 +310,7 @@ def test_smoke_report_has_the_tables_statement_and_keeps_notes(smoke):
     text = (tmp / "r.md").read_text()
     assert "Settings fixed before results were seen" in text
     assert "| treg_dpo-dpo |" in text and "| start |" in text and bench.NOTES_BEGIN in text
+    assert set(result["by_instruction"]) and "by instruction type" in text
     assert "treg_dpo-dpo, IFEval prompt-level acc." in stdout
     edited = text.replace(bench.NOTES_BEGIN + "\n", bench.NOTES_BEGIN + "\nhand-written finding\n")
     (tmp / "r.md").write_text(edited)
