@@ -595,7 +595,8 @@ def by_instruction(held_out: list[dict], start: dict, runs: dict, seeds: list[in
         followed = [f for r in results for f in r["follow"]]
         return {i: float(np.mean([f for f, j in zip(followed, ids) if j == i])) for i in counts}
 
-    out = {i: {"n": n, "start": v} for (i, n), v in zip(counts.items(), shares(start["eval"]).values())}
+    at_start = shares(start["eval"])
+    out = {i: {"n": n, "start": at_start[i]} for i, n in counts.items()}
     for name in METHODS:
         if all((name, seed) in runs for seed in seeds):
             per_seed = [shares(runs[(name, seed)]["eval"]) for seed in seeds]
@@ -847,8 +848,9 @@ def train_all(pool, seeds, data_dir, held_out, size, times, methods=tuple(METHOD
     runs = {}
     bar = tqdm(total=len(jobs), desc="methods × seeds", disable=not sys.stderr.isatty())
 
-    def done(r, reused=False):
+    def done(r):
         runs[(r["method"], r["seed"])] = r
+        reused = r.get("reused", False)
         if files and not reused:
             save_run(files[(r["method"], r["seed"])], r)
         acc = np.mean([x["follow_all"] for x in r["eval"]])
@@ -861,7 +863,7 @@ def train_all(pool, seeds, data_dir, held_out, size, times, methods=tuple(METHOD
     for job in jobs:
         saved = load_run(files[(job[1], job[0])]) if files else None
         if saved is not None:
-            done({**saved, "reused": True}, reused=True)
+            done({**saved, "reused": True})
         else:
             todo.append(job)
     if pool is None:

@@ -116,6 +116,7 @@ def hh_rows(rows: int, tokenizer, max_tokens: int):
     """The first ``rows`` valid HH pairs (file order) whose x⁻ + longer response fits ``max_tokens``, tokenized like
     TRL (chat template; the response ends with its end-of-turn tokens); x⁺/x⁻ rendered as the trainer renders them."""
     from treg.data import load_preference_dataset
+    from treg.evaluation.data import hh_rlhf_test
     from treg.token_rewards.contrastive import (
         DEFAULT_NEGATIVE_TEMPLATE,
         DEFAULT_POSITIVE_TEMPLATE,
@@ -124,8 +125,6 @@ def hh_rows(rows: int, tokenizer, max_tokens: int):
 
     def ids(text):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    from treg.evaluation.data import hh_rlhf_test
 
     data = load_preference_dataset(hh_rlhf_test(), drop_invalid=True)
     out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}

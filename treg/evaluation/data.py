@@ -84,8 +84,9 @@ def data_roots() -> list[str]:
 def find_root(relative: str, flag: str | None = None) -> str:
     """The first data root that holds ``relative`` (a file or a folder); the error names every place tried and
     ``flag``, the option that gives the path instead (when there is one)."""
-    tried = [os.path.join(root, relative) for root in data_roots()]
-    for root, path in zip(data_roots(), tried):
+    roots = data_roots()
+    tried = [os.path.join(root, relative) for root in roots]
+    for root, path in zip(roots, tried):
         if os.path.exists(path):
             return root
     env = os.environ.get("TREG_EVAL_DATA")
