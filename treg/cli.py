@@ -55,7 +55,7 @@ def _parser():
 
 def parse_train_args(argv: list[str]):
     """(DataArguments, TRegConfig, ModelConfig) from a recipe and flags; every error in them is a RecipeError."""
-    data_args, config, model_args = parse_recipe_args(_parser(), argv)
+    data_args, config, model_args = parse_recipe_args(_parser(), argv, foreign=True)
     return data_args, config, model_args
 
 
@@ -72,8 +72,8 @@ def build_trainer(data_args, config, model_args):
     check_train_settings(config, data_args)
     if model_args.use_peft and importlib.util.find_spec("peft") is None:
         raise RecipeError("use_peft: true (LoRA) needs peft: pip install 'treg[peft]' (from a checkout: '.[peft]').")
-    train, eval_ = load_datasets(data_args)  # before the model: a bad file fails in a second
-    model, tokenizer = load_model_and_tokenizer(model_args)
+    train, eval_ = load_datasets(data_args, seed=config.seed)  # before the model: a bad file fails in a second
+    model, tokenizer = load_model_and_tokenizer(model_args, data_args)
     if model_args.use_peft and os.path.isdir(model.name_or_path):  # adapter_config.json records it: make it absolute
         model.name_or_path = os.path.abspath(model.name_or_path)
     trainer = TRegTrainer(

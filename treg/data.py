@@ -21,7 +21,13 @@ Inputs that are accepted and converted by :func:`to_preference_format`:
     {"chosen":   [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}
 
-* Anthropic HH-RLHF transcripts (only ``chosen`` / ``rejected`` strings); see :func:`to_preference_format`.
+* Anthropic HH-RLHF transcripts (only ``chosen`` / ``rejected`` strings); see :func:`to_preference_format`;
+* Orca-style pairs (``system`` + ``question`` + ``chosen`` / ``rejected`` strings, as in Intel/orca_dpo_pairs): the
+  system text (when not empty) and the question become the prompt's messages, the answers assistant messages.
+
+A file of SFT conversations (only ``messages``, or ``text`` / ``completion``) is an error that says so.
+:func:`keep_training_columns` keeps only the columns training reads (prompt, chosen, rejected and treg's own), so no
+other column reaches TRL's format detection.
 
 :func:`validate_preference_rows` then rejects rows a trainer cannot learn from, naming the row and field.
 """
@@ -77,7 +83,16 @@ _PATH_LIKE_SUFFIXES = (*_BUILDERS, ".gz", ".csv", ".arrow", ".txt", ".tsv")
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
-_STANDARD, _CONVERSATIONAL, _IMPLICIT, _HH = "standard", "conversational", "implicit-conversational", "hh"
+_STANDARD, _CONVERSATIONAL, _IMPLICIT, _HH, _ORCA = (
+    "standard", "conversational", "implicit-conversational", "hh", "orca"
+)
+# Columns training reads besides prompt/chosen/rejected: per-token values (treg.token_rewards), the extrinsic scores the
+# RELC critic may show, TRL's per-row chat-template arguments, and the embedded toy task's defect flags (viz, benches).
+TREG_COLUMNS = (
+    *(c for pair in TOKEN_VALUE_COLUMN_PAIRS for c in pair),
+    "score_chosen", "score_rejected", "chat_template_kwargs",
+    "chosen_defects", "rejected_defects", "chosen_token_defects", "rejected_token_defects",
+)
 
 
 class PreferenceDataError(UserError):
@@ -414,7 +429,29 @@ def to_preference_format(dataset: datasets.Dataset) -> datasets.Dataset:
     )
 
 
+def keep_training_columns(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``dataset`` with only prompt, chosen, rejected and :data:`TREG_COLUMNS` (and TRL's tokenized ``*_ids``): a
+    column training does not read (``messages``, ``prompt_id``, scores under other names, …) never reaches TRL, whose
+    format sniffing picks a column from a set (so the column it reads depends on ``PYTHONHASHSEED``) and fails on an
+    empty list there."""
+    keep = (*REQUIRED_COLUMNS, *TREG_COLUMNS, "prompt_ids", "chosen_ids", "rejected_ids")
+    extra = [c for c in dataset.column_names if c not in keep]
+    return dataset.remove_columns(extra) if extra else dataset
+
+
 def _detect_format(dataset: datasets.Dataset) -> str:
+    columns = set(dataset.column_names)
+    if not {"chosen", "rejected"} <= columns:
+        sft = [c for c in ("messages", "conversations", "text", "completion") if c in columns]
+        if sft:
+            raise PreferenceDataError(
+                f"this looks like SFT data (column {sft[0]!r}, no 'chosen'/'rejected'; columns "
+                f"{dataset.column_names}): treg trains on preference pairs, each a prompt with a chosen and a "
+                "rejected response. Use a preference dataset (prompt, chosen, rejected), or build pairs from your "
+                "prompts with `treg pairs`."
+            )
+    if {"question", "chosen", "rejected"} <= columns and "prompt" not in columns:
+        return _ORCA
     _require_columns(dataset, ("chosen", "rejected"))
     if len(dataset) == 0:
         raise PreferenceDataError("The preference dataset has no rows.")
@@ -444,12 +481,16 @@ def _detect_format(dataset: datasets.Dataset) -> str:
 
 
 def _input_columns(fmt: str) -> tuple[str, ...]:
+    if fmt == _ORCA:
+        return ("question", "chosen", "rejected")
     return REQUIRED_COLUMNS if fmt in (_STANDARD, _CONVERSATIONAL) else ("chosen", "rejected")
 
 
 def _convert_row(fmt: str, row: dict[str, Any], idx: int) -> dict[str, Any]:
     if fmt == _HH:
         return _convert_hh_row(row, idx)
+    if fmt == _ORCA:
+        return _convert_orca_row(row, idx)
     if fmt == _IMPLICIT:
         return _convert_implicit_row(row, idx)
     return row
@@ -462,6 +503,24 @@ def _convert_implicit_row(row: dict[str, Any], idx: int) -> dict[str, Any]:
                 idx, field, f"expected a list of {{role, content}} messages like row 0, got {_type_name(row[field])}"
             )
     return extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})
+
+
+def _convert_orca_row(row: dict[str, Any], idx: int) -> dict[str, Any]:
+    """system + question + chosen/rejected strings → conversational rows (a blank system text is left out)."""
+    for name in ("question", "chosen", "rejected", "system"):
+        value = row.get(name)
+        if name == "system" and value is None:
+            continue
+        if not isinstance(value, str):
+            raise _row_error(idx, name, f"expected a string (Orca-style pairs), got {_type_name(value)}")
+    prompt = [{"role": "user", "content": row["question"]}]
+    if (row.get("system") or "").strip():
+        prompt.insert(0, {"role": "system", "content": row["system"]})
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }
 
 
 def _convert_hh_row(row: dict[str, Any], idx: int) -> dict[str, Any]:
@@ -694,3 +753,82 @@ def _is_message_list(value: Any) -> bool:
 
 def _type_name(value: Any) -> str:
     return "None" if value is None else type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt length
+# --------------------------------------------------------------------------------------------------
+
+
+def cut_prompts(dataset: datasets.Dataset, tokenizer, max_tokens: int, name: str = "train") -> datasets.Dataset:
+    """Prompts longer than ``max_tokens`` tokens (as TRL renders them: a string with the tokenizer's special tokens,
+    messages through the chat template with the generation prompt) cut from their start: whole turns first, oldest
+    first, keeping leading system messages and starting at a user turn; then the start of the oldest remaining text.
+    The number cut is logged (with the first row) as a warning. Rows whose prompt fits are unchanged."""
+    cut: list[tuple[int, int, int]] = []
+
+    def shorten(row, idx):
+        before = prompt_length(tokenizer, row["prompt"])
+        if before <= max_tokens:
+            return {"prompt": row["prompt"]}
+        prompt = _cut_prompt(tokenizer, row["prompt"], max_tokens)
+        cut.append((idx, before, prompt_length(tokenizer, prompt)))
+        return {"prompt": prompt}
+
+    out = dataset.map(shorten, with_indices=True, keep_in_memory=True, desc=f"{name}: max_prompt_length")
+    if cut:
+        row, before, after = cut[0]
+        logger.warning(
+            "%s: max_prompt_length=%d cut %d of %d prompts from their start (first: row %d, %d -> %d tokens).",
+            name, max_tokens, len(cut), len(dataset), row, before, after,
+        )
+    return out
+
+
+def prompt_length(tokenizer, prompt) -> int:
+    """Tokens of a prompt as the trainer tokenizes it."""
+    if isinstance(prompt, str):
+        return len(tokenizer(text=prompt)["input_ids"])
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text=text, add_special_tokens=False)["input_ids"])
+
+
+def _cut_prompt(tokenizer, prompt, max_tokens: int):
+    if isinstance(prompt, str):
+        return _cut_text(prompt, lambda text: prompt_length(tokenizer, text) <= max_tokens)
+    messages = [dict(m) for m in prompt]
+    head = 0
+    while head < len(messages) and messages[head].get("role") in ("system", "developer"):
+        head += 1
+    body = messages[head:]
+    # drop the oldest turns while more than the last user turn remains, so the rest starts at a user turn
+    while prompt_length(tokenizer, messages[:head] + body) > max_tokens:
+        later = [i for i, m in enumerate(body) if i > 0 and m.get("role") == "user"]
+        if not later:
+            break
+        body = body[later[0]:]
+    messages = messages[:head] + body
+    first = min(head, len(messages) - 1)  # the oldest non-system message (or the last system one)
+    if prompt_length(tokenizer, messages) > max_tokens and isinstance(messages[first].get("content"), str):
+
+        def fits(text):
+            trial = [dict(m) for m in messages]
+            trial[first]["content"] = text
+            return prompt_length(tokenizer, trial) <= max_tokens
+
+        messages[first]["content"] = _cut_text(messages[first]["content"], fits)
+    return messages
+
+
+def _cut_text(text: str, fits) -> str:
+    """The longest end of ``text`` for which ``fits`` holds (a binary search over where it starts)."""
+    lo, hi = 0, len(text)  # text[hi:] == "" is the shortest candidate
+    if fits(text):
+        return text
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(text[mid:]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return text[lo:]

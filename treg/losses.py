@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 BASE_LOSSES = ("dpo", "simpo")
-DPO_VARIANTS = ("sigmoid", "hinge", "ipo")
+DPO_VARIANTS = ("sigmoid", "hinge", "ipo", "apo_zero", "apo_down")
 
 
 @dataclass
@@ -86,6 +86,9 @@ def dpo_loss(
     sigmoid: −(1−ε)·log σ(Δ) − ε·log σ(−Δ), Δ = r_w − r_l            (ε = label_smoothing, cDPO; ε=0 is DPO)
     hinge:   max(0, 1 − Δ)                                           (SLiC-style)
     ipo:     (Δ_avg/β − 1/(2β))², Δ_avg from per-token averaged log-ratios, as TRL normalises IPO
+    apo_zero: (1 − σ(r_w)) + σ(r_l)          (APO, D'Oosterlinck et al. 2024, arXiv 2408.06266: chosen up, rejected
+                                             down; for chosen answers better than the model's own)
+    apo_down: σ(r_w) + (1 − σ(Δ))            (APO for chosen answers worse than the model's own)
     """
     delta = chosen_rewards - rejected_rewards
     if loss_type == "sigmoid":
@@ -97,6 +100,10 @@ def dpo_loss(
             raise ValueError("loss_type='ipo' needs chosen_lengths and rejected_lengths.")
         avg_delta = (chosen_rewards / chosen_lengths.clamp(min=1) - rejected_rewards / rejected_lengths.clamp(min=1))
         return (avg_delta / beta - 1 / (2 * beta)) ** 2
+    if loss_type == "apo_zero":
+        return (1 - torch.sigmoid(chosen_rewards)) + torch.sigmoid(rejected_rewards)
+    if loss_type == "apo_down":
+        return torch.sigmoid(chosen_rewards) + (1 - torch.sigmoid(delta))
     raise ValueError(f"Unknown DPO loss_type {loss_type!r}; expected one of {DPO_VARIANTS}.")
 
 

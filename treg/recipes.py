@@ -43,6 +43,13 @@ class DataArguments:
     drop_invalid_rows: bool = field(default=False, metadata={"help": "Drop bad rows (logged) instead of failing."})
     toy_num_pairs: int = field(default=512, metadata={"help": "treg:toy: number of training pairs."})
     toy_seed: int = field(default=0, metadata={"help": "treg:toy: seed of the generated pairs."})
+    dataset_mixture: str | None = field(default=None, metadata={
+        "help": "Several datasets as one (JSON; written from alignment-handbook's dataset_mixture or dataset_mixer "
+        "+ dataset_splits, or TRL's datasets list, see treg.mixtures)."})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "A Jinja chat template set on the tokenizer before any prompt is rendered."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Load the tokenizer from here instead of from the model (hub id or folder)."})
 
 
 TRAIN_KEYS_HINT = (
@@ -53,6 +60,12 @@ TRAIN_KEYS_HINT = (
 def check_recipe(path: str, parser, keys_hint: str = TRAIN_KEYS_HINT) -> dict:
     """Load a recipe YAML, failing with the file, line and key on malformed YAML or unknown keys (``keys_hint`` says
     where the known keys are listed)."""
+    config = _read_recipe(path)
+    _check_keys(config, path, parser, keys_hint)
+    return config
+
+
+def _read_recipe(path: str) -> dict:
     import yaml
 
     if not os.path.isfile(path):
@@ -65,13 +78,16 @@ def check_recipe(path: str, parser, keys_hint: str = TRAIN_KEYS_HINT) -> dict:
         raise RecipeError(f"recipe {path!r} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
     if not isinstance(config, dict):
         raise RecipeError(f"recipe {path!r} must be a mapping of keys to values, got {type(config).__name__}.")
+    return config
+
+
+def _check_keys(config: dict, path: str, parser, keys_hint: str) -> None:
     known = {a.dest for a in parser._actions} | {"env"}
     for key in config:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+            close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise RecipeError(f"recipe {path!r}: unknown key {key!r}.{hint} {keys_hint}")
-    return config
 
 
 def load_yaml(path: str):
@@ -108,16 +124,40 @@ def recipe_path(argv: list[str]) -> str | None:
     return argv[i + 1]
 
 
-def parse_recipe_args(parser, argv: list[str], keys_hint: str = TRAIN_KEYS_HINT):
+def parse_recipe_args(parser, argv: list[str], keys_hint: str = TRAIN_KEYS_HINT, foreign: bool = False):
     """``parser.parse_args_and_config(argv)`` (a ``TrlParser``) after :func:`check_recipe`; a ValueError from the
     flags or from the configs' own checks (``__post_init__``) becomes a :class:`RecipeError` naming the recipe, and an
-    unknown flag names the closest known one."""
+    unknown flag names the closest known one. ``foreign=True`` (``treg train`` / ``treg rewards``): recipes and flags
+    written for alignment-handbook, SimPO, WPO or TRL are first translated into treg's keys
+    (:func:`treg.compat.translate_recipe`), each translation logged in one line."""
     argv = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     path = recipe_path(argv)
+    if not foreign:
+        if path is not None:
+            check_recipe(path, parser, keys_hint=keys_hint)
+        try:
+            return parser.parse_args_and_config(argv)
+        except RecipeError:
+            raise
+        except ValueError as e:
+            raise RecipeError(_config_error(e, path, parser, keys_hint)) from e
+
+    from treg.compat import translate_flags, translate_recipe
+
+    argv = translate_flags(argv)
     if path is not None:
-        check_recipe(path, parser, keys_hint=keys_hint)
+        i = argv.index("--config")
+        argv = argv[:i] + argv[i + 2:]
+        config = _read_recipe(path)
+        translated = translate_recipe(config, path)
+        _check_keys(translated.config, path, parser, keys_hint)
+        for note in translated.notes:
+            logger.warning(note)
+        for key, value in translated.env.items():
+            os.environ[key] = value
+        parser.set_defaults_with_config(**translated.config)
     try:
-        return parser.parse_args_and_config(argv)
+        return parser.parse_args_into_dataclasses(args=argv)
     except RecipeError:
         raise
     except ValueError as e:
@@ -165,12 +205,21 @@ def check_train_settings(config, data_args) -> None:
         value = getattr(data_args, name)
         if value is not None and value < 1:
             raise RecipeError(f"{name} must be ≥ 1 (leave it out for all rows), got {value}.")
-    if config.eval_strategy not in (None, "no") and not data_args.dataset_test_split:
+    mixture_test = bool(data_args.dataset_mixture) and _mixture_has_test(data_args.dataset_mixture)
+    if config.eval_strategy not in (None, "no") and data_args.dataset_mixture and not mixture_test:
+        raise RecipeError(
+            f"eval_strategy={getattr(config.eval_strategy, 'value', config.eval_strategy)!r} needs an evaluation set, "
+            "but the dataset mixture gives none (no test split, no test_split_size); add one, or --eval_strategy no."
+        )
+    if config.eval_strategy not in (None, "no") and not data_args.dataset_test_split and not mixture_test:
         raise RecipeError(
             f"eval_strategy={getattr(config.eval_strategy, 'value', config.eval_strategy)!r} needs an evaluation set, "
             "but dataset_test_split is empty; set dataset_test_split, or --eval_strategy no."
         )
     _check_resume(config.resume_from_checkpoint)
+    from treg.compat import check_push_to_hub
+
+    check_push_to_hub(config.push_to_hub, config.hub_token)
     if config.eval_hooks:
         from treg.evaluation.callback import check_hook_settings
 
@@ -178,6 +227,19 @@ def check_train_settings(config, data_args) -> None:
             config.eval_hooks, judge=config.eval_hook_judge, when=config.eval_hook_when,
             bench=config.eval_hook_arena_bench,
         )
+
+
+def _mixture_has_test(spec: str) -> bool:
+    import json
+
+    try:
+        mixture = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"dataset_mixture is not valid JSON: {e}") from e
+    if not isinstance(mixture, dict):
+        raise RecipeError("dataset_mixture must be a JSON object (see treg.mixtures).")
+    return mixture.get("test_split_size") is not None or any(
+        e.get("role") == "test" for e in mixture.get("datasets") or [])
 
 
 def _check_resume(checkpoint) -> None:
@@ -222,10 +284,37 @@ def warn_truncated_rows(dataset, max_length: int | None, name: str = "train") ->
     return len(cut)
 
 
-def load_model_and_tokenizer(model_args):
+def load_model_and_tokenizer(model_args, data_args=None):
     """The recipe's model: ``treg:tiny`` builds (or loads the cached) embedded tiny model, in the default cache
     ($TREG_CACHE_DIR or ~/.cache/treg) whatever the recipe's token_reward_cache_dir; anything else is a hub id or local
-    path loaded with ModelConfig's dtype, attention implementation and revision."""
+    path loaded with ModelConfig's dtype, attention implementation, revision and (on a CUDA GPU with bitsandbytes)
+    4/8-bit quantization. ``data_args`` may give the tokenizer's source (``tokenizer_name_or_path``) and a
+    ``chat_template`` to set on it."""
+    model, tokenizer = _load_model(model_args)
+    tokenizer_source = getattr(data_args, "tokenizer_name_or_path", None)
+    if tokenizer_source and tokenizer_source != model_args.model_name_or_path:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, revision=model_args.model_revision)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"tokenizer_name_or_path {tokenizer_source!r} cannot be loaded: "
+                              f"{' '.join(str(e).split())[:300]}") from e
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    template = getattr(data_args, "chat_template", None)
+    if template:
+        tokenizer.chat_template = template
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                          add_generation_prompt=True)
+        except Exception as e:  # jinja2 errors: the template the recipe gave cannot render a plain user turn
+            raise RecipeError(f"chat_template cannot render a user message: {type(e).__name__}: {e}") from e
+        logger.info("chat_template from the recipe set on the tokenizer.")
+    return model, tokenizer
+
+
+def _load_model(model_args):
     from treg.models import load_causal_lm
 
     name = model_args.model_name_or_path
@@ -236,17 +325,40 @@ def load_model_and_tokenizer(model_args):
         import torch
 
         dtype = getattr(torch, dtype)
+    extra = {}
+    if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
+        from trl import get_kbit_device_map, get_quantization_config
+
+        extra = {"quantization_config": get_quantization_config(model_args), "device_map": get_kbit_device_map()}
     return load_causal_lm(
         name,
         revision=model_args.model_revision,
         trust_remote_code=getattr(model_args, "trust_remote_code", False),  # not a ModelConfig field in trl 1.16
         dtype=dtype,
         attn_implementation=model_args.attn_implementation,
+        **extra,
     )
 
 
-def load_datasets(data_args):
-    """(train, eval or None) in TRL's preference format."""
+def load_datasets(data_args, seed: int = 42):
+    """(train, eval or None) in TRL's preference format, with only the columns training reads. ``seed`` (the recipe's)
+    shuffles a dataset mixture whose format has no seed of its own."""
+    from treg.data import keep_training_columns
+
+    train, eval_ = _load_datasets(data_args, seed)
+    return keep_training_columns(train), (keep_training_columns(eval_) if eval_ is not None else None)
+
+
+def _load_datasets(data_args, seed: int):
+    if data_args.dataset_mixture:
+        from treg.mixtures import load_mixture
+
+        train, test, _ = load_mixture(data_args.dataset_mixture, seed=seed, drop_invalid=data_args.drop_invalid_rows)
+        if data_args.max_train_rows is not None:
+            train = train.select(range(min(data_args.max_train_rows, len(train))))
+        if test is not None and data_args.max_eval_rows is not None:
+            test = test.select(range(min(data_args.max_eval_rows, len(test))))
+        return train, test
     if data_args.dataset_name == "treg:toy":
         from treg.synthetic import make_pairs
 
