@@ -137,7 +137,7 @@ def test_orpo_and_sft_recipes_get_one_error_saying_what_treg_trains(tmp_path, ca
     orpo.write_text("model_name_or_path: treg:tiny\ndataset_name: x\nbeta: 0.05\nmax_prompt_length: 1792\n")
     sft = tmp_path / "sft.yaml"
     sft.write_text("model_name_or_path: treg:tiny\ndataset_name: x\nmax_seq_length: 2048\npacking: true\n")
-    for path, what in ((orpo, "ORPO recipe"), (sft, "supervised fine-tuning (SFT) recipe")):
+    for path, what in ((orpo, "ORPO recipe"), (sft, "supervised fine-tuning (SFT) or continued-pretraining recipe")):
         assert main(["train", "--config", str(path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and what in err[0] and "treg trains" in err[0], err

@@ -16,10 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "treg"
 # Lowest floor first. Modules outside DESIGN.md's table sit with the room they serve: viz and quickstart are
 # commands (they build a trainer), so they live just below the command line; packing is the scoring engine's packed
 # twin (ids in, per-token log-probs out, for the token-reward pass and the trainer's forward) and needs no room but
-# torch, so it sits right above scoring.
+# torch, so it sits right above scoring. mixtures reads several datasets through data; compat (other trainers'
+# recipe keys) reads mappings only and serves recipes.
 FLOORS = (
-    "losses", "files", "models", "scoring", "packing", "generation", "data", "token_rewards", "feedback", "evaluation",
-    "synthetic", "recipes", "trainer", "rl", "viz", "quickstart", "cli", "__main__",
+    "losses", "files", "models", "scoring", "packing", "generation", "data", "mixtures", "token_rewards", "feedback",
+    "evaluation", "synthetic", "compat", "recipes", "trainer", "rl", "viz", "quickstart", "cli", "__main__",
 )
 LEAF = "synthetic"
 MAX_FUNCTION_LINES = 80

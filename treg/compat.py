@@ -66,7 +66,7 @@ IGNORED = {
 
 # Keys SFT recipes carry and preference recipes do not.
 SFT_KEYS = ("packing", "packing_strategy", "dataset_text_field", "assistant_only_loss", "completion_only_loss",
-            "eos_token")
+            "eos_token", "max_seq_length", "text_column")
 # Keys only a preference (DPO-family) recipe carries.
 PREFERENCE_KEYS = ("beta", "loss_type", "max_prompt_length", "gamma_beta_ratio", "label_smoothing", "base_loss",
                    "treg_alpha", "simpo_gamma", "rpo_alpha", "reference_free")
@@ -195,12 +195,14 @@ def _refuse_other_trainers(config: dict, path: str, where: str) -> None:
         )
     preference = any(k in config for k in PREFERENCE_KEYS)
     sft = [k for k in SFT_KEYS if k in config]
-    if not preference and (sft or "sft" in parts[:-1] or "sft" in stem.replace("-", "_").split("_")):
-        what = f" (it sets {', '.join(sft)})" if sft else ""
+    words = stem.replace("-", "_").split("_")
+    if not preference and (sft or {"sft", "cpt"} & set(parts[:-1] + words)):
+        what = f" (it sets {', '.join(sft)} and no preference key)" if sft else ""
         raise CompatError(
-            f"{where} is a supervised fine-tuning (SFT) recipe{what}; treg trains preference pairs (prompt, chosen, "
-            "rejected) with DPO or SimPO plus T-REG, starting from an SFT model. Train the SFT model with that "
-            "recipe's own trainer (e.g. `trl sft`), then point a DPO recipe's model_name_or_path at it."
+            f"{where} is a supervised fine-tuning (SFT) or continued-pretraining recipe{what}; treg trains "
+            "preference pairs (prompt, chosen, rejected) with DPO or SimPO plus T-REG, starting from an SFT model. "
+            "Train the SFT model with that recipe's own trainer (e.g. `trl sft`), then point a DPO recipe's "
+            "model_name_or_path at it."
         )
 
 

@@ -439,6 +439,25 @@ def keep_training_columns(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.remove_columns(extra) if extra else dataset
 
 
+def set_aside_extra_columns(dataset: datasets.Dataset):
+    """``(kept, put_back)``: ``dataset`` with only the training columns (:func:`keep_training_columns`), and a function
+    that puts the other columns back beside a same-length, same-order result (a Python caller's own columns survive
+    TRL's tokenization, as in TRL); a result with other rows keeps only its own columns."""
+    kept = keep_training_columns(dataset)
+    extra = [c for c in dataset.column_names if c not in kept.column_names]
+    if not extra:
+        return kept, lambda result: result
+    aside = dataset.select_columns(extra)
+
+    def put_back(result: datasets.Dataset) -> datasets.Dataset:
+        if len(result) != len(aside):
+            return result
+        return datasets.concatenate_datasets([result, aside.remove_columns(
+            [c for c in extra if c in result.column_names])], axis=1)
+
+    return kept, put_back
+
+
 def _detect_format(dataset: datasets.Dataset) -> str:
     columns = set(dataset.column_names)
     if not {"chosen", "rejected"} <= columns:

@@ -242,6 +242,41 @@ def _mixture_has_test(spec: str) -> bool:
         e.get("role") == "test" for e in mixture.get("datasets") or [])
 
 
+def check_config_values(config) -> None:
+    """``TRegConfig.__post_init__``'s checks: a ValueError for each setting TRegTrainer cannot train with (TrlParser
+    turns it into a :class:`RecipeError` naming the recipe); sets ``simpo_gamma`` from ``gamma_beta_ratio``."""
+    from treg.losses import BASE_LOSSES, DPO_VARIANTS
+    from treg.token_rewards.precompute import PassSettings
+
+    if config.base_loss not in BASE_LOSSES:
+        raise ValueError(f"base_loss={config.base_loss!r}: choose one of {list(BASE_LOSSES)}.")
+    if config.gamma_beta_ratio is not None:
+        if config.base_loss != "simpo" or config.gamma_beta_ratio < 0:
+            raise ValueError(f"gamma_beta_ratio={config.gamma_beta_ratio} is SimPO's γ/β (≥ 0, base_loss: simpo), "
+                             f"but base_loss={config.base_loss!r}; set base_loss: simpo, or remove gamma_beta_ratio.")
+        config.simpo_gamma = config.gamma_beta_ratio * config.beta
+    if config.max_prompt_length is not None and config.max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be ≥ 1 (or unset), got {config.max_prompt_length}.")
+    PassSettings.from_config(config)  # checks the token-reward settings
+    if config.treg_alpha < 0:
+        raise ValueError(f"treg_alpha must be ≥ 0, got {config.treg_alpha}.")
+    if not config.precompute_ref_log_probs:
+        raise ValueError("precompute_ref_log_probs=False is not supported: treg computes per-token reference "
+                         "log-probs in its token-reward pass and keeps no reference model in memory. "
+                         "Remove the setting.")
+    if config.truncation_mode != "keep_start":
+        raise ValueError("truncation_mode must be 'keep_start' ('keep_end' is deprecated in TRL).")
+    if config.base_loss == "dpo" and (len(config.loss_type) != 1 or config.loss_type[0] not in DPO_VARIANTS):
+        raise ValueError(f"loss_type={config.loss_type}: with base_loss='dpo' treg supports one of "
+                         f"{list(DPO_VARIANTS)}. For SimPO set base_loss: simpo.")
+    unsupported = {"ld_alpha": config.ld_alpha is not None,
+                   "f_divergence_type": config.f_divergence_type != "reverse_kl",
+                   "use_weighting": config.use_weighting, "sync_ref_model": config.sync_ref_model}
+    for name, is_set in unsupported.items():
+        if is_set:
+            raise ValueError(f"{name} is not supported by TRegTrainer's loss; leave it at its default.")
+
+
 def _check_resume(checkpoint) -> None:
     if checkpoint is None or isinstance(checkpoint, bool):
         return

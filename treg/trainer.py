@@ -26,10 +26,11 @@ from trl.models import prepare_deepspeed
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad, use_adapter
 
-from treg.data import cut_prompts, keep_training_columns, validate_preference_rows
-from treg.losses import BASE_LOSSES, DPO_VARIANTS, treg_loss
+from treg.data import cut_prompts, set_aside_extra_columns, validate_preference_rows
+from treg.losses import BASE_LOSSES, treg_loss
 from treg.models import weights_hash
 from treg.packing import collate_packed, policy_logps, use_packing
+from treg.recipes import check_config_values
 from treg.scoring import BACKENDS
 from treg.token_rewards import (
     CHOSEN_REWARDS,
@@ -62,9 +63,6 @@ class TRegConfig(DPOConfig):
         treg_alpha: α, weight of the token-level regularizer. 0 is plain DPO/SimPO. The paper uses 0.1–0.5.
         base_loss: "dpo" (with DPOConfig's ``loss_type`` sigmoid, hinge or ipo, and ``label_smoothing``) or "simpo".
         simpo_gamma: SimPO's target reward margin γ (absolute; the SimPO paper quotes γ/β, e.g. β=10, γ/β=0.3 → γ=3).
-        gamma_beta_ratio: SimPO recipes' γ/β; when set it decides γ = gamma_beta_ratio × beta (needs base_loss simpo).
-        max_prompt_length: prompts longer than this (in tokens, as the chat template renders them) lose their start:
-            the oldest turns first (a leading system message stays), then the start of the oldest remaining text.
         treg_sequence_weight: weight the regularizer by w = stopgrad σ(r_l − r_w); False is the paper's ablation.
 
     Token rewards (``token_reward_*``, ``contrastive_*``, ``critic_*``): the token-reward pass's settings, described
@@ -75,10 +73,8 @@ class TRegConfig(DPOConfig):
     treg_alpha: float = _arg(0.25, "α: weight of the token-level reward regularizer.")
     base_loss: str = _arg("dpo", "Sequence-level objective.", choices=list(BASE_LOSSES))
     simpo_gamma: float = _arg(0.5, "SimPO target margin γ (absolute, not γ/β).")
-    gamma_beta_ratio: float | None = _arg(None, "SimPO's γ/β, as SimPO recipes give it: when set, simpo_gamma = "
-                                          "gamma_beta_ratio × beta (base_loss simpo).")
-    max_prompt_length: int | None = _arg(None, "Cut prompts longer than this many tokens from their start (the "
-                                         "oldest turns first), counted and logged, before max_length applies.")
+    gamma_beta_ratio: float | None = _arg(None, "SimPO's γ/β: when set, simpo_gamma = gamma_beta_ratio × beta.")
+    max_prompt_length: int | None = _arg(None, "Cut longer prompts from their start (oldest turns first), logged.")
     treg_sequence_weight: bool = _arg(True, "Weight the regularizer by the detached DPO gradient coefficient w.")
     token_reward_source: str = _arg("contrastive", "Token-reward source.", choices=list(TOKEN_REWARD_SOURCES))
     token_reward_model: str | None = _arg(None, "dpo_derived: the trained DPO checkpoint whose log-ratios become r̂.")
@@ -121,35 +117,7 @@ class TRegConfig(DPOConfig):
         if self.bf16 is None and not self.fp16:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         super().__post_init__()
-        if self.base_loss not in BASE_LOSSES:
-            raise ValueError(f"base_loss={self.base_loss!r}: choose one of {list(BASE_LOSSES)}.")
-        if self.gamma_beta_ratio is not None:
-            if self.base_loss != "simpo":
-                raise ValueError(f"gamma_beta_ratio is SimPO's γ/β, but base_loss={self.base_loss!r}; set base_loss: "
-                                 "simpo, or remove gamma_beta_ratio.")
-            if self.gamma_beta_ratio < 0:
-                raise ValueError(f"gamma_beta_ratio must be ≥ 0, got {self.gamma_beta_ratio}.")
-            self.simpo_gamma = self.gamma_beta_ratio * self.beta
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ValueError(f"max_prompt_length must be ≥ 1 (or unset), got {self.max_prompt_length}.")
-        PassSettings.from_config(self)  # checks the token-reward settings
-        if self.treg_alpha < 0:
-            raise ValueError(f"treg_alpha must be ≥ 0, got {self.treg_alpha}.")
-        if not self.precompute_ref_log_probs:
-            raise ValueError("precompute_ref_log_probs=False is not supported: treg computes per-token reference "
-                             "log-probs in its token-reward pass and keeps no reference model in memory. "
-                             "Remove the setting.")
-        if self.truncation_mode != "keep_start":
-            raise ValueError("truncation_mode must be 'keep_start' ('keep_end' is deprecated in TRL).")
-        if self.base_loss == "dpo" and (len(self.loss_type) != 1 or self.loss_type[0] not in DPO_VARIANTS):
-            raise ValueError(f"loss_type={self.loss_type}: with base_loss='dpo' treg supports one of "
-                             f"{list(DPO_VARIANTS)}. For SimPO set base_loss: simpo.")
-        unsupported = {"ld_alpha": self.ld_alpha is not None,
-                       "f_divergence_type": self.f_divergence_type != "reverse_kl",
-                       "use_weighting": self.use_weighting, "sync_ref_model": self.sync_ref_model}
-        for name, is_set in unsupported.items():
-            if is_set:
-                raise ValueError(f"{name} is not supported by TRegTrainer's loss; leave it at its default.")
+        check_config_values(self)  # treg.recipes: each setting treg cannot train with, as a ValueError
 
     @property
     def needs_token_rewards(self) -> bool:
@@ -222,13 +190,13 @@ class TRegTrainer(DPOTrainer):
             raise TypeError("treg precomputes token rewards, so it needs a map-style datasets.Dataset, not streaming.")
         if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
             return dataset  # already prepared (TRL's evaluate() calls this again)
-        dataset = keep_training_columns(dataset)  # no unused column reaches TRL's format sniffing
+        dataset, put_back = set_aside_extra_columns(dataset)  # TRL's format sniffing sees training columns only
         validate_preference_rows(dataset)
         if args.max_prompt_length is not None:
             dataset = cut_prompts(dataset, processing_class, args.max_prompt_length, dataset_name)
         untruncated = copy.copy(args)
         untruncated.max_length = None  # TRL would silently drop over-long prompts; we report them instead
-        dataset = super()._prepare_dataset(dataset, processing_class, untruncated, dataset_name)
+        dataset = put_back(super()._prepare_dataset(dataset, processing_class, untruncated, dataset_name))
         check_trainable_rows(dataset, args.max_length, dataset_name)
         return dataset
 
