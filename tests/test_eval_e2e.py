@@ -161,3 +161,47 @@ def test_callback_rejects_unknown_hooks_and_schedules():
         EvalHookCallback(["mt_bench"])
     with pytest.raises(ValueError, match="eval_hook_when"):
         EvalHookCallback(["alpaca_eval"], when="sometimes")
+
+
+def test_answers_generated_before_a_kill_are_reused(tmp_path, monkeypatch, tiny, caplog):
+    """kill -9 while the third shard of answers is being generated; the rerun reuses the two finished shards (4
+    answers, counted in its log) and its answers equal an uninterrupted run's."""
+    import logging
+    import signal
+    import subprocess
+    import sys
+
+    root = write_data_root(str(tmp_path / "data"))
+    tasks = [f"copy: {i} {i + 1}" for i in range(9)]
+    with open(os.path.join(root, "alpaca-eval", "gpt4_1106_preview-outputs.json"), "w") as f:
+        json.dump([{"dataset": "helpful_base", "instruction": t, "output": "1", "generator": "gpt4_1106_preview"}
+                   for t in tasks], f)
+    monkeypatch.setenv("TREG_EVAL_DATA", root)
+    argv = ["alpaca-eval", "--model", "treg:tiny", "--judge", "treg:tiny", "--max-new-tokens", "8",
+            "--answer-shard-size", "2", "--batch-size", "2", "--quiet"]
+    killer = (
+        "import os, signal, sys\n"
+        "import treg.evaluation.runs as runs\n"
+        "real, calls = runs.generate_answers, []\n"
+        "def generate(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*a, **k)\n"
+        "runs.generate_answers = generate\n"
+        "from treg.evaluation.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "killed"
+    run = subprocess.run([sys.executable, "-c", killer, *argv, "--out", str(out)], env=dict(os.environ),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    (shards,) = out.glob(".answers-*.shards")
+    assert len(list(shards.glob("*.json"))) == 2  # the two finished shards, nothing half-written
+    with caplog.at_level(logging.WARNING):
+        assert eval_main([*argv, "--out", str(out)]) == 0
+    assert "reused 4 of 9" in caplog.text and not shards.exists()
+    assert eval_main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    resumed = json.loads((out / "model_outputs.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "model_outputs.json").read_text())
+    assert [r["output"] for r in resumed] == [r["output"] for r in whole]

@@ -52,6 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation backend")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16, help="generation and local-judge batch size")
+    p.add_argument("--answer-shard-size", type=positive_int, default=32,
+                   help="answers saved per shard as they are generated (a killed run resumes from them)")
     p.add_argument("--system-prompt", default=None, help="system prompt for the policy's answers")
     p.add_argument("--retries", type=int, default=1, help="re-judge failed judgments this many more times")
     p.add_argument("--device", default=None)
@@ -197,6 +199,7 @@ def cmd_alpaca_eval(args) -> int:
         show_progress=not args.quiet,
         annotator=annotator,
         lc_data=lc_file,
+        answer_shard_size=args.answer_shard_size,
     )
     _print_results(results)
     return 0
@@ -223,6 +226,7 @@ def cmd_arena_hard(args) -> int:
         gen=gen,
         retries=args.retries,
         show_progress=not args.quiet,
+        answer_shard_size=args.answer_shard_size,
     )
     _print_results(results)
     print(f"re-score: treg eval arena-hard show --judgments {results['out_dir']}")

@@ -25,28 +25,74 @@ def _model_hash(model) -> str:
     return hash_module(model)
 
 
+ANSWER_SHARD_SIZE = 32  # answers per saved shard: a killed run loses at most one shard of generations
+
+
 def cached_answers(
-    model, tokenizer, instructions: list[str], out_dir: str, gen: dict, show_progress: bool = True
+    model, tokenizer, instructions: list[str], out_dir: str, gen: dict, show_progress: bool = True,
+    shard_size: int = ANSWER_SHARD_SIZE,
 ) -> list[str]:
     """Answers to ``instructions``; reused from ``<out_dir>/.answers-<key>.json`` when the model weights, prompts and
     generation settings are the same. Written atomically with a sidecar checksum (``.sha256``) and verified on
     read: a corrupt file (checksum mismatch, truncated or unreadable JSON, wrong length) is moved aside with a
     warning and the answers generated again (a file from before checksums only has to parse). Two runs wanting the
-    same answers at once generate them once: the second waits on the file's lock, then reads them."""
+    same answers at once generate them once: the second waits on the file's lock, then reads them.
+
+    Answers are generated ``shard_size`` instructions at a time, each shard saved (atomically, checksummed) in
+    ``.answers-<key>.shards/`` as soon as it is done: a run killed midway reuses the shards it finished (logged with
+    their count) and generates only the rest; the shards are removed once the whole file is written. The shards are
+    the same with or without a kill, so a resumed run's answers equal an uninterrupted run's."""
     from treg.files import file_lock, write_text_atomic
 
-    key = hashlib.sha256(
-        json.dumps({"model": _model_hash(model), "instructions": instructions, "gen": gen}, sort_keys=True).encode()
-    ).hexdigest()[:16]
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be ≥ 1, got {shard_size}.")
+    key = hashlib.sha256(json.dumps(
+        {"model": _model_hash(model), "instructions": instructions, "gen": gen, "shard": shard_size}, sort_keys=True
+    ).encode()).hexdigest()[:16]
     path = os.path.join(out_dir, f".answers-{key}.json")
     answers = _load_answers(path, len(instructions), discard=False)
     if answers is None:
         with file_lock(path, remove=True):
             answers = _load_answers(path, len(instructions), discard=True)
             if answers is None:
-                answers = generate_answers(model, tokenizer, instructions, show_progress=show_progress, **gen)
+                answers = _sharded_answers(model, tokenizer, instructions, path[: -len(".json")] + ".shards", gen,
+                                           show_progress, shard_size)
                 write_text_atomic(path, json.dumps(answers), checksum=True)
+                _remove_shards(path[: -len(".json")] + ".shards")
     return answers
+
+
+def _sharded_answers(model, tokenizer, instructions, folder, gen, show_progress, shard_size) -> list[str]:
+    from tqdm.auto import tqdm
+
+    from treg.files import write_text_atomic
+
+    os.makedirs(folder, exist_ok=True)
+    answers: list[str] = []
+    reused = 0
+    bar = tqdm(total=len(instructions), desc="Answering", unit="answer", disable=not show_progress)
+    for start in range(0, len(instructions), shard_size):
+        part = instructions[start : start + shard_size]
+        shard = os.path.join(folder, f"{start:06d}-{start + len(part):06d}.json")
+        done = _load_answers(shard, len(part), discard=True)
+        if done is None:
+            done = generate_answers(model, tokenizer, part, show_progress=False, **gen)
+            write_text_atomic(shard, json.dumps(done), checksum=True)
+        else:
+            reused += len(done)
+        answers.extend(done)
+        bar.update(len(part))
+    bar.close()
+    if reused:
+        logger.warning("answers: reused %d of %d from the shards of an earlier run in %s; generated %d.", reused,
+                       len(instructions), folder, len(instructions) - reused)
+    return answers
+
+
+def _remove_shards(folder: str) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _load_answers(path: str, n: int, *, discard: bool) -> list[str] | None:
@@ -69,7 +115,7 @@ def _load_answers(path: str, n: int, *, discard: bool) -> list[str] | None:
         if discard:
             move_aside(path, e.reason, what="eval answers cache")
         return None
-    logger.info("answers loaded from %s", path)
+    logger.debug("answers loaded from %s", path)
     return answers
 
 
@@ -107,6 +153,7 @@ def run_alpaca_eval(
     show_progress: bool = True,
     annotator: dict | None = None,
     lc_data: str | None = None,
+    answer_shard_size: int = ANSWER_SHARD_SIZE,
 ) -> dict:
     """AlpacaEval 2 for a policy. ``annotator`` = {config_dir, judge_model, base_url, api_key_env} runs the official
     ``alpaca_eval.evaluate`` pipeline instead of ``judge``. ``lc_data``: a folder (or the file) with alpaca_eval's
@@ -117,7 +164,8 @@ def run_alpaca_eval(
     reference = ae.load_reference(data.alpaca_reference(reference_path))
     indices = ae.select_instances(len(reference), max_instances)
     instructions = [reference[i]["instruction"] for i in indices]
-    answers = cached_answers(model, tokenizer, instructions, out_dir, dict(gen or {}), show_progress)
+    answers = cached_answers(model, tokenizer, instructions, out_dir, dict(gen or {}), show_progress,
+                             answer_shard_size)
     extra = [{"dataset": reference[i].get("dataset")} for i in indices]
     write_alpaca_eval_outputs(os.path.join(out_dir, "model_outputs.json"), instructions, answers, generator, extra)
     outputs = [{"instruction": q, "output": a, "generator": generator} for q, a in zip(instructions, answers)]
@@ -180,6 +228,7 @@ def run_arena_hard(
     gen: dict | None = None,
     retries: int = 1,
     show_progress: bool = True,
+    answer_shard_size: int = ANSWER_SHARD_SIZE,
 ) -> dict:
     """Arena-Hard for a policy: answers → ``model_answer/``, judgments → ``model_judgment/<judge>/``, scores.
     The baselines' stored ``token_len`` and style counts are used where their answer files carry them."""
@@ -190,7 +239,8 @@ def run_arena_hard(
     if max_instances is not None:
         questions = questions[:max_instances]
     baselines, baseline_meta = _baselines(bench, baseline_paths)
-    texts = cached_answers(model, tokenizer, [q["prompt"] for q in questions], out_dir, dict(gen or {}), show_progress)
+    texts = cached_answers(model, tokenizer, [q["prompt"] for q in questions], out_dir, dict(gen or {}), show_progress,
+                           answer_shard_size)
     counter, _ = ah.token_counter()
     write_arena_hard_answers(
         os.path.join(out_dir, "model_answer", f"{ah._safe(model_name)}.jsonl"),
